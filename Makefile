@@ -1,0 +1,46 @@
+# The two commands of the README:
+#   make serve   install the service (no torch) and serve the embedded default model on :8000
+#   make test    install everything the tests need (apt and pip) and run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+HOST ?= 127.0.0.1
+PORT ?= 8000
+BIN := $(VENV)/bin
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: serve test lint dataset train-default export-default
+
+$(BIN)/vit-serve: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+serve: $(BIN)/vit-serve
+	$(BIN)/vit-serve --host $(HOST) --port $(PORT)
+
+# torchvision imports only beside torch 2.14.1 (both are wheels on this kind of machine's disk);
+# timm and torchvision are the reference libraries the checkpoint importers are proven against.
+$(VENV)/.test-deps: pyproject.toml $(BIN)/vit-serve
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[export,test]'
+	touch $@
+
+dataset:
+	@test -d $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+test: $(VENV)/.test-deps dataset
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Run by hand, not in CI: retrain the embedded model (about 50 minutes on 2 cores), then export it.
+train-default: $(VENV)/.test-deps dataset
+	$(BIN)/python -m model_export.train_fashion_mnist --out model_export/default_model
+
+export-default: $(VENV)/.test-deps
+	$(BIN)/vit-export model_export/default_model --out service/default_model --name fashion-mnist-vit

@@ -1,0 +1,117 @@
+"""`vit-export`: import a checkpoint, export it to ONNX, verify it, write the manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import onnx
+import torch
+
+from model_export.checkpoints import CheckpointError, ImportedCheckpoint, default_preprocessing, import_checkpoint
+from model_export.manifest import Manifest, Source
+from model_export.onnx_export import DEFAULT_OPSET, ExportError, write_artifact
+from model_export.vit import PRESETS, VisionTransformer, preset
+
+
+def _read_labels(path: Path) -> list[str]:
+    """One label per line, or a JSON list, or a JSON {index: label} object."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            return [str(data[k]) for k in sorted(data, key=int)]
+        return [str(label) for label in data]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _random_init(preset_name: str, img_size: int | None, seed: int) -> ImportedCheckpoint:
+    cfg = preset(preset_name, **({"img_size": img_size} if img_size else {}))
+    torch.manual_seed(seed)
+    model = VisionTransformer(cfg).eval()
+    # A zero-initialised head would make every output equal; give benchmarks a real classifier.
+    torch.nn.init.trunc_normal_(model.head.weight, std=0.02)
+    labels = [f"LABEL_{i}" for i in range(cfg.num_classes)]
+    preprocessing = default_preprocessing("timm", cfg.img_size, cfg.in_chans)
+    return ImportedCheckpoint(model, "random-init", labels, preprocessing, Path(f"random-init-seed{seed}"), "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vit-export",
+        description="Import a ViT checkpoint (timm, torchvision, Hugging Face, or this project's training output), "
+        "export it to ONNX with a dynamic batch axis, verify ONNX Runtime against PyTorch and write manifest.json.",
+    )
+    parser.add_argument("checkpoint", nargs="?", type=Path, help=".safetensors/.pt/.pth/.bin file or model folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for model.onnx and manifest.json")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="architecture to expect (or build, with --random-init)"
+    )
+    parser.add_argument("--random-init", action="store_true", help="export the preset with random weights (benchmarks)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    parser.add_argument("--img-size", type=int, help="serve at this resolution; position embeddings are resampled")
+    parser.add_argument("--num-heads", type=int, help="attention heads, when not the standard embed_dim/64")
+    parser.add_argument("--labels", type=Path, help="labels file: one per line, or JSON list / {index: label}")
+    parser.add_argument("--name", help="model name reported by the server (default: the output folder's name)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    return parser
+
+
+def run(args: argparse.Namespace) -> Manifest:
+    if args.random_init:
+        if not args.preset:
+            raise CheckpointError("--random-init needs --preset")
+        imported = _random_init(args.preset, args.img_size, args.seed)
+    else:
+        if args.checkpoint is None:
+            raise CheckpointError("give a checkpoint path, or --random-init --preset NAME")
+        if not args.checkpoint.exists():
+            raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+        imported = import_checkpoint(
+            args.checkpoint,
+            base=PRESETS[args.preset] if args.preset else None,
+            img_size=args.img_size,
+            num_heads=args.num_heads,
+            labels=_read_labels(args.labels) if args.labels else None,
+        )
+    cfg = imported.model.cfg
+    manifest = Manifest(
+        name=args.name or args.out.resolve().name,
+        labels=imported.labels,
+        preprocessing=imported.preprocessing,
+        pooling=cfg.pool,
+        opset=args.opset,
+        config=cfg.to_dict(),
+        source=Source(checkpoint=imported.source.name, layout=imported.layout, sha256=imported.sha256 or None),
+        verification={},
+    )
+    return write_artifact(imported.model, args.out, manifest, args.opset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = run(args)
+    except (CheckpointError, ExportError, onnx.checker.ValidationError, OSError, ValueError) as exc:
+        print(f"vit-export: error: {exc}", file=sys.stderr)
+        return 1
+    cfg = manifest.config
+    print(f"imported {manifest.source.layout} checkpoint {manifest.source.checkpoint}")
+    print(
+        f"model: {cfg['depth']} blocks, width {cfg['embed_dim']}, {cfg['num_heads']} heads, "
+        f"{cfg['img_size']}px / patch {cfg['patch_size']}, {manifest.num_classes} classes, {manifest.pooling} pooling"
+    )
+    print("verified: onnx.checker passed")
+    for check in manifest.verification["batches"]:  # type: ignore[attr-defined]
+        print(
+            f"verified: batch {check['batch']}: max |ORT - PyTorch| = {check['max_abs_diff']:.2e} "
+            f"(<= {manifest.verification['tolerance']}), top-1 agreement {check['top1_agreement']:.0%}"
+        )
+    print(f"wrote {args.out / manifest.onnx_file} (sha256 {manifest.onnx_sha256}) and manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The manifest: everything the server needs to know about an exported model, in one place.
+
+It is written beside the `.onnx` file as `manifest.json` and embedded in the ONNX metadata
+under `MANIFEST_METADATA_KEY`. Torch-free, because the server reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_FILENAME = "manifest.json"
+MANIFEST_METADATA_KEY = "vit_serve.manifest"
+FORMAT_VERSION = 1
+
+# Graph names, used both to name the ONNX inputs/outputs and to declare their dynamic axes.
+INPUT_NAME = "pixel_values"
+LOGITS_NAME = "logits"
+ATTENTION_NAME = "cls_attention"
+BATCH_AXIS = "batch"
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+
+
+class Preprocessing(BaseModel):
+    """How raw pixels become the model input: resize, crop, scale to [0, 1], normalise."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_size: int = Field(gt=0, description="side of the square model input")
+    resize_size: int = Field(gt=0, description="shorter side after resize (shorter_side) or both sides (squash)")
+    resize_mode: Literal["shorter_side", "squash"] = Field(
+        "shorter_side", description="shorter_side: keep aspect then centre-crop; squash: resize to a square"
+    )
+    crop: Literal["center"] = "center"
+    interpolation: Interpolation = "bicubic"
+    mean: list[float]
+    std: list[float]
+    color_mode: Literal["RGB", "L"] = "RGB"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Preprocessing:
+        channels = 1 if self.color_mode == "L" else 3
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean/std need {channels} values for colour mode {self.color_mode}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        if self.resize_size < self.image_size:
+            raise ValueError("resize_size must be at least image_size, or the crop would not fit")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    checkpoint: str = Field(description="file name of the imported weights")
+    layout: str = Field(description="timm, torchvision, hf or random-init")
+    sha256: str | None = Field(description="sha256 of the weights file; None for random init")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    labels: list[str]
+    preprocessing: Preprocessing
+    pooling: Literal["token", "avg"]
+    input_name: str = INPUT_NAME
+    output_names: list[str] = [LOGITS_NAME]
+    opset: int
+    variant: str = "fp32"
+    config: dict[str, object]
+    source: Source
+    verification: dict[str, object] = Field(default_factory=dict, description="what the export checked, with figures")
+    onnx_file: str = "model.onnx"
+    onnx_sha256: str | None = Field(None, description="only in manifest.json: a file cannot hold its own hash")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls.model_validate(json.loads(text))
+
+    @classmethod
+    def read(cls, model_dir: Path) -> Manifest:
+        return cls.from_json((Path(model_dir) / MANIFEST_FILENAME).read_text())

@@ -1,0 +1,128 @@
+"""Trace a `VisionTransformer` to ONNX, verify it against PyTorch, and write the manifest."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from model_export.checkpoints import sha256_file
+from model_export.manifest import (
+    BATCH_AXIS,
+    INPUT_NAME,
+    LOGITS_NAME,
+    MANIFEST_FILENAME,
+    MANIFEST_METADATA_KEY,
+    Manifest,
+)
+from model_export.vit import VisionTransformer
+
+DEFAULT_OPSET = 17
+TRACE_BATCH = 2
+# Batch 1, the traced batch, an odd size, and a larger one that was never traced.
+VERIFY_BATCHES = (1, TRACE_BATCH, 3, 8)
+FP32_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported graph failed a check; the message says which and by how much."""
+
+
+@dataclass(frozen=True)
+class BatchCheck:
+    batch: int
+    max_abs_diff: float
+    top1_agreement: float
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: VisionTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+
+def export_onnx(model: VisionTransformer, onnx_path: Path, manifest: Manifest, opset: int = DEFAULT_OPSET) -> None:
+    """Trace to `onnx_path` with a dynamic batch axis and the manifest in the graph's metadata."""
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
+    cfg = model.cfg
+    dummy = torch.randn(TRACE_BATCH, cfg.in_chans, cfg.img_size, cfg.img_size)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo, but its graphs are the
+        # ones onnxruntime's transformer optimizer recognises; the warning is expected.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(
+            _LogitsOnly(model.eval()),
+            (dummy,),
+            str(onnx_path),
+            input_names=[INPUT_NAME],
+            output_names=[LOGITS_NAME],
+            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, LOGITS_NAME: {0: BATCH_AXIS}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    graph = onnx.load(str(onnx_path))
+    onnx.helper.set_model_props(graph, {MANIFEST_METADATA_KEY: manifest.model_dump_json()})
+    graph.doc_string = f"{manifest.name}: Vision Transformer, {manifest.pooling} pooling"
+    onnx.save(graph, str(onnx_path))
+
+
+def verify_onnx(model: VisionTransformer, onnx_path: Path, tolerance: float = FP32_TOLERANCE) -> list[BatchCheck]:
+    """onnx.checker, then ONNX Runtime against PyTorch on random input at each of VERIFY_BATCHES."""
+    try:
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected {onnx_path}: {exc}") from exc
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    input_shape = session.get_inputs()[0].shape
+    if not isinstance(input_shape[0], str):
+        raise ExportError(f"batch axis is not dynamic: input shape {input_shape}")
+    cfg = model.cfg
+    generator = torch.Generator().manual_seed(0)
+    checks = []
+    for batch in VERIFY_BATCHES:
+        x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (actual,) = session.run([LOGITS_NAME], {INPUT_NAME: x.numpy()})
+        if actual.shape != expected.shape:
+            raise ExportError(f"batch {batch}: ONNX output shape {actual.shape}, PyTorch {expected.shape}")
+        diff = float(np.abs(actual - expected).max())
+        agreement = float((actual.argmax(1) == expected.argmax(1)).mean())
+        if not diff <= tolerance:  # written so that NaN fails too
+            raise ExportError(f"batch {batch}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}")
+        checks.append(BatchCheck(batch, diff, agreement))
+    return checks
+
+
+def write_artifact(model: VisionTransformer, out_dir: Path, manifest: Manifest, opset: int = DEFAULT_OPSET) -> Manifest:
+    """Export, verify and write `model.onnx` plus `manifest.json` into out_dir; returns the final manifest."""
+    onnx_path = out_dir / manifest.onnx_file
+    export_onnx(model, onnx_path, manifest, opset)
+    checks = verify_onnx(model, onnx_path)
+    verification = {
+        "onnx_checker": "passed",
+        "onnxruntime": ort.__version__,
+        "tolerance": FP32_TOLERANCE,
+        "batches": [check.__dict__ for check in checks],
+    }
+    final = manifest.model_copy(update={"verification": verification})
+    # Re-embed so the graph's copy carries the verification figures too, then hash the final bytes.
+    graph = onnx.load(str(onnx_path))
+    onnx.helper.set_model_props(graph, {MANIFEST_METADATA_KEY: final.model_dump_json()})
+    onnx.save(graph, str(onnx_path))
+    final = final.model_copy(update={"onnx_sha256": sha256_file(onnx_path)})
+    (out_dir / MANIFEST_FILENAME).write_text(final.to_json())
+    return final

@@ -1,0 +1,104 @@
+"""`create_app(settings)`: the FastAPI app; its lifespan loads, checks and warms the model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.classifier import Classifier
+from service.errors import install_error_handlers
+from service.lifecycle import Lifecycle
+from service.metrics import Metrics
+from service.routes import classify, health, models
+from service.runtime import OnnxBackend, load_manifest
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by route template (not raw path, to bound label cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+    lifecycle = Lifecycle()
+    metrics.in_flight.set_function(lambda: lifecycle.in_flight)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Start-up order: load -> check providers -> warm up -> start the batcher -> ready.
+        manifest = await asyncio.to_thread(load_manifest, settings.model_dir)
+        backend = await asyncio.to_thread(OnnxBackend, settings.model_dir, manifest, settings)
+        classifier = Classifier(manifest, backend, settings, metrics)
+        await classifier.start()
+        app.state.classifier = classifier
+        metrics.model_info.labels(model=manifest.name, provider=backend.provider, variant=manifest.variant).set(1)
+        lifecycle.started = True
+        logger.info("ready: %s on %s", manifest.name, backend.provider)
+        try:
+            yield
+        finally:
+            lifecycle.begin_drain()
+            if not await lifecycle.wait_idle(settings.drain_grace_s):
+                logger.warning(
+                    "drain grace of %.1f s passed with %d requests in flight",
+                    settings.drain_grace_s,
+                    lifecycle.in_flight,
+                )
+            await classifier.stop()
+            logger.info("stopped")
+
+    app = FastAPI(
+        title="ViT classification service",
+        summary="Image classification with a Vision Transformer on onnxruntime, with dynamic micro-batching.",
+        version="0.1.0",
+        lifespan=lifespan,
+        root_path=settings.root_path,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+    install_error_handlers(app)
+    app.include_router(classify.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

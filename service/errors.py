@@ -1,0 +1,112 @@
+"""Typed service errors, raised where a problem is detected and turned into JSON in one place."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ServiceError(Exception):
+    """Base of every error the API reports; `status` and `error_type` are the response's."""
+
+    status = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, part: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.part = part  # which upload of a multi-image request failed
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, object]:
+        body: dict[str, object] = {"error": self.message, "error_type": self.error_type}
+        if self.part is not None:
+            body["part"] = self.part
+        return body
+
+
+class BadRequest(ServiceError):
+    status, error_type = 400, "bad_request"
+
+
+class NoImage(ServiceError):
+    status, error_type = 400, "no_image"
+
+
+class PayloadTooLarge(ServiceError):
+    status, error_type = 413, "payload_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status, error_type = 413, "image_too_large"
+
+
+class TooManyImages(ServiceError):
+    status, error_type = 413, "too_many_images"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, error_type = 415, "unsupported_media_type"
+
+
+class UnsupportedImageFormat(ServiceError):
+    status, error_type = 415, "unsupported_image_format"
+
+
+class CorruptImage(ServiceError):
+    status, error_type = 422, "corrupt_image"
+
+
+class InvalidParameter(ServiceError):
+    status, error_type = 422, "invalid_parameter"
+
+
+class Overloaded(ServiceError):
+    status, error_type = 429, "overloaded"
+
+
+class NotReady(ServiceError):
+    status, error_type = 503, "not_ready"
+
+
+class Draining(ServiceError):
+    status, error_type = 503, "draining"
+
+
+class DeadlineExceeded(ServiceError):
+    status, error_type = 504, "deadline_exceeded"
+
+
+class InferenceFailed(ServiceError):
+    status, error_type = 500, "inference_failed"
+
+
+class StartupError(RuntimeError):
+    """The service cannot start as configured (bad model folder, provider not available)."""
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return error_response(InvalidParameter(details))
+
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing errors (404, 405) keep their status but get the same body shape as ours.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    app.add_exception_handler(ServiceError, on_service_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]

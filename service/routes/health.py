@@ -1,0 +1,44 @@
+"""Kubernetes probes and their Open Inference Protocol (v2) twins."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.lifecycle import Lifecycle
+from service.routes.dependencies import get_lifecycle
+from service.schemas import HealthResponse
+
+router = APIRouter(tags=["health"])
+_NOT_READY = {503: {"model": HealthResponse, "description": "not ready (starting or draining), with the reason"}}
+
+
+def _provider(request: Request) -> str | None:
+    classifier = getattr(request.app.state, "classifier", None)
+    return classifier.backend.provider if classifier is not None else None
+
+
+@router.get("/livez", response_model=HealthResponse, summary="Liveness: the process answers")
+@router.get("/v2/health/live", response_model=HealthResponse, summary="Open Inference Protocol liveness")
+async def live() -> HealthResponse:
+    return HealthResponse(status="alive")
+
+
+@router.get("/startupz", response_model=HealthResponse, responses=_NOT_READY, summary="Startup: model loaded and warm")
+async def startup(request: Request, lifecycle: Annotated[Lifecycle, Depends(get_lifecycle)]) -> JSONResponse:
+    if not lifecycle.started:
+        body = HealthResponse(status="starting", reason=lifecycle.not_ready_reason())
+        return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(HealthResponse(status="started", provider=_provider(request)).model_dump())
+
+
+@router.get("/readyz", response_model=HealthResponse, responses=_NOT_READY, summary="Readiness: send traffic here")
+@router.get("/v2/health/ready", response_model=HealthResponse, responses=_NOT_READY, summary="OIP readiness")
+async def ready(request: Request, lifecycle: Annotated[Lifecycle, Depends(get_lifecycle)]) -> JSONResponse:
+    reason = lifecycle.not_ready_reason()
+    provider = _provider(request)
+    if reason is not None:
+        return JSONResponse(HealthResponse(status="not ready", reason=reason, provider=provider).model_dump(), 503)
+    return JSONResponse(HealthResponse(status="ready", provider=provider).model_dump())

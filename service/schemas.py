@@ -1,0 +1,85 @@
+"""Response bodies, as the OpenAPI document shows them."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model_export.manifest import Preprocessing
+
+
+class PredictionOut(BaseModel):
+    """One label, shaped like the Hugging Face image-classification pipeline's {label, score}."""
+
+    label: str = Field(examples=["Ankle boot"])
+    class_id: int = Field(examples=[9])
+    score: float = Field(ge=0, le=1, description="softmax probability", examples=[0.97])
+
+
+class ImageResultOut(BaseModel):
+    filename: str = Field(description="the upload's filename, or its position", examples=["boot.png"])
+    predictions: list[PredictionOut] = Field(description="top-k, highest score first")
+
+
+class ClassifyResponse(BaseModel):
+    model: str = Field(examples=["fashion-mnist-vit"])
+    results: list[ImageResultOut] = Field(description="one entry per image, in upload order")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(examples=["image is 20000x20000 = 400000000 pixels; the limit is 40000000"])
+    error_type: str = Field(examples=["image_too_large"])
+    part: str | None = Field(None, description="which image of the request failed", examples=["photo.jpg"])
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(examples=["ready"])
+    reason: str | None = Field(None, description="why the server is not ready")
+    provider: str | None = Field(None, examples=["CPUExecutionProvider"])
+
+
+class InputSize(BaseModel):
+    channels: int
+    height: int
+    width: int
+
+
+class BatchingOut(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue_images: int
+    session_workers: int
+    intra_op_threads: int
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    labels: list[str]
+    input_size: InputSize
+    preprocessing: Preprocessing
+    pooling: str
+    variant: str
+    provider: str = Field(description="the execution provider the session reports, not the one asked for")
+    requested_providers: list[str]
+    batching: BatchingOut
+    onnx_sha256: str | None
+    source_sha256: str | None
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "no image, empty body, malformed multipart/JSON/base64",
+        413: "body, image pixels or image count over the limit",
+        415: "unsupported Content-Type or image format",
+        422: "corrupt or truncated image; invalid parameter",
+        429: "queue full: retry after Retry-After seconds",
+        503: "not ready, or draining",
+        504: "the request's deadline passed",
+    }.items()
+}

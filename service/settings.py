@@ -1,0 +1,78 @@
+"""All service settings, read from `VIT_*` environment variables (see the README's table)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+def available_cores() -> int:
+    """Cores this process may use (the cgroup/affinity view, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VIT_", extra="ignore", protected_namespaces=())
+
+    # Model and runtime
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="folder with model.onnx and manifest.json")
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when onnxruntime has it, else CPU; cuda: ask for CUDA"
+    )
+    require_requested_provider: bool = Field(
+        False, description="fail start-up when CUDA was asked for but the session runs on CPU"
+    )
+    session_workers: int = Field(
+        0, ge=0, description="onnxruntime sessions run side by side; 0 = one per core on CPU, 1 on CUDA"
+    )
+    intra_op_threads: int = Field(1, ge=1, description="threads inside each session")
+    preprocess_threads: int = Field(0, ge=0, description="decode/resize threads; 0 = as many as cores")
+
+    # Batching and admission
+    max_batch_size: int = Field(8, ge=1, description="most images in one forward pass")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long the first image waits for others to join")
+    max_queue_images: int = Field(256, ge=1, description="images admitted but not yet run; beyond it: 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="default deadline per request; beyond it: 504")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429 and 503")
+
+    # Input limits
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit, enforced while reading: 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height from the image header: 413")
+    max_images_per_request: int = Field(32, ge=1, description="images in one request: 413")
+    default_top_k: int = Field(5, ge=1, description="predictions per image when top_k is not given")
+
+    # Lifecycle and HTTP
+    drain_grace_s: float = Field(25.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    root_path: str = Field("", description="path prefix the app is served under behind a gateway")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Settings:
+        if self.max_queue_images < self.max_images_per_request:
+            raise ValueError("max_queue_images must hold at least one full request (max_images_per_request)")
+        return self
+
+    def resolved_session_workers(self, on_cuda: bool) -> int:
+        if self.session_workers:
+            return self.session_workers
+        # On CPU, independent single-threaded sessions beat one multi-threaded session (measured
+        # by vit-bench); on a GPU one session owns the device.
+        return 1 if on_cuda else max(1, available_cores() // self.intra_op_threads)
+
+    def resolved_preprocess_threads(self) -> int:
+        return self.preprocess_threads or available_cores()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

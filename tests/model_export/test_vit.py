@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from model_export.vit import PRESETS, VisionTransformer, ViTConfig, preset, resample_pos_embed
+
+SMALL = ViTConfig(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_dim=64)
+
+
+def test_shapes_follow_the_token_bookkeeping():
+    model = VisionTransformer(SMALL).eval()
+    images = torch.randn(3, 3, 32, 32)
+    features = model.forward_features(images)
+    assert features.shape == (3, 1 + 16, 32)  # class token + 4x4 patches
+    assert model(images).shape == (3, 5)
+    assert model.pos_embed.shape == (1, 1 + 16, 32)
+
+
+def test_token_pooling_reads_only_the_class_token():
+    model = VisionTransformer(SMALL).eval()
+    torch.nn.init.normal_(model.head.weight)
+    features = torch.randn(2, 17, 32)
+    changed = features.clone()
+    changed[:, 1:] = torch.randn(2, 16, 32)
+    assert torch.equal(model.forward_head(features), model.forward_head(changed))
+    changed[:, 0] += 1.0
+    assert not torch.allclose(model.forward_head(features), model.forward_head(changed))
+
+
+def test_avg_pooling_reads_the_patch_tokens_not_the_class_token():
+    model = VisionTransformer(ViTConfig(**{**SMALL.to_dict(), "pool": "avg"})).eval()
+    torch.nn.init.normal_(model.head.weight)
+    features = torch.randn(2, 17, 32)
+    changed = features.clone()
+    changed[:, 0] += 5.0
+    assert torch.equal(model.forward_head(features), model.forward_head(changed))
+    assert torch.allclose(model.forward_head(features), model.head(features[:, 1:].mean(1)))
+
+
+def test_attention_path_matches_the_fused_path():
+    model = VisionTransformer(SMALL).eval()
+    images = torch.randn(2, 3, 32, 32)
+    features, attentions = model.forward_features_with_attention(images)
+    assert torch.allclose(features, model.forward_features(images), atol=1e-5)
+    assert len(attentions) == SMALL.depth
+    assert attentions[0].shape == (2, 4, 17, 17)
+    assert torch.allclose(attentions[-1].sum(-1), torch.ones(2, 4, 17), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        # Parameter counts of the reference ViTs with a 1000-class head (timm reports the same).
+        ("vit_tiny_patch16_224", 5_717_416),
+        ("vit_small_patch16_224", 22_050_664),
+        ("vit_base_patch16_224", 86_567_656),
+        ("vit_large_patch16_224", 304_326_632),
+    ],
+)
+def test_presets_have_the_standard_sizes(name, params):
+    with torch.device("meta"):
+        model = VisionTransformer(PRESETS[name])
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_preset_overrides_and_bad_shapes_are_refused():
+    assert preset("vit_base_patch16_224", img_size=384).grid_size == 24
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        preset("vit_base_patch16_224", img_size=230)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        ViTConfig(embed_dim=100, num_heads=12)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("vit_huge")
+
+
+def test_class_token_and_position_init_is_a_small_truncated_normal():
+    torch.manual_seed(0)
+    model = VisionTransformer(preset("vit_base_patch16_224", num_classes=10))
+    for tensor in (model.cls_token, model.pos_embed):
+        assert 0.012 < tensor.std().item() < 0.02  # a normal truncated at 2 std has std 0.88 * 0.02
+        assert tensor.abs().max().item() <= 0.04 + 1e-7
+
+
+def test_class_token_receives_gradient_and_changes_in_training():
+    torch.manual_seed(0)
+    model = VisionTransformer(SMALL)
+    before = model.cls_token.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    for _ in range(3):  # the zero head passes no gradient back on the very first step
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model.cls_token.grad is not None and model.cls_token.grad.abs().sum() > 0
+    assert not torch.allclose(model.cls_token, before)
+
+
+def test_resample_keeps_the_class_row_and_interpolates_the_grid():
+    grid = torch.linspace(0, 1, 4)
+    smooth = (grid[:, None] + grid[None, :]).reshape(1, 16, 1).expand(1, 16, 8)
+    table = torch.cat([torch.full((1, 1, 8), 7.0), smooth], dim=1)
+    resampled = resample_pos_embed(table, new_grid=8)
+    assert resampled.shape == (1, 1 + 64, 8)
+    assert torch.equal(resampled[:, 0], table[:, 0])
+    patches = resampled[0, 1:, 0].reshape(8, 8)
+    assert patches[0, 0] < patches[0, -1] < patches[-1, -1]  # the gradient's direction survives
+    assert resample_pos_embed(table, new_grid=4) is table
+    with pytest.raises(ValueError, match="square grid"):
+        resample_pos_embed(table[:, :-1], new_grid=4)
