@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -186,8 +186,8 @@ CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], StateDict]] = {
 # --- configuration and loading ---------------------------------------------------------------
 
 
-def infer_config(sd: Mapping[str, torch.Tensor], **overrides: object) -> ViTConfig:
-    """Shapes give everything but the head count, which defaults to the standard 64 per head."""
+def infer_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """ViTConfig fields that the tensors' shapes determine (all but heads, eps and pooling)."""
     try:
         d = sd["cls_token"].shape[-1]
         patch_w = sd["patch_embed.weight"]
@@ -197,20 +197,16 @@ def infer_config(sd: Mapping[str, torch.Tensor], **overrides: object) -> ViTConf
     except KeyError as exc:
         raise CheckpointError(f"checkpoint lacks {exc.args[0]!r}, which is needed to infer the model shape") from None
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k)))
-    grid = int(round(grid_rows**0.5))
-    inferred = {
-        "img_size": grid * patch_w.shape[-1],
+    return {
+        "img_size": round(grid_rows**0.5) * patch_w.shape[-1],
         "patch_size": patch_w.shape[-1],
         "in_chans": patch_w.shape[1],
         "num_classes": head.shape[0],
         "embed_dim": d,
         "depth": depth,
-        "num_heads": max(1, d // 64),
         "mlp_dim": mlp.shape[0],
         "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
     }
-    inferred.update({k: v for k, v in overrides.items() if v is not None})
-    return ViTConfig(**inferred)  # type: ignore[arg-type]
 
 
 def load_strict(model: VisionTransformer, sd: Mapping[str, torch.Tensor]) -> None:
@@ -346,22 +342,25 @@ def import_checkpoint(
     raw = read_state_dict(path)
     layout = "native" if record else detect_layout(raw)
     sd = CONVERTERS[layout](raw)
-    overrides: dict[str, object] = _hf_overrides(hf_config) if layout == "hf" else {}
-    if record:
-        overrides.update(record["config"])  # type: ignore[arg-type]
-    if base is not None:
-        overrides.update(num_heads=base.num_heads, layer_norm_eps=base.layer_norm_eps, pool=base.pool)
-    if num_heads is not None:
-        overrides["num_heads"] = num_heads
-    cfg = infer_config(sd, **overrides)
+    fields = infer_shapes(sd)
+    # Shapes cannot tell the head count: the standard 64 dimensions per head, unless told.
+    fields["num_heads"] = max(1, int(fields["embed_dim"]) // 64)  # type: ignore[call-overload]
     if base is not None:
         checked = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim")
-        differing = {f: (getattr(cfg, f), getattr(base, f)) for f in checked if getattr(cfg, f) != getattr(base, f)}
+        differing = {f: (fields[f], getattr(base, f)) for f in checked if fields[f] != getattr(base, f)}
         if differing:
             raise CheckpointError(f"checkpoint does not match the preset: {differing} (checkpoint, preset)")
-    checkpoint_img = cfg.img_size
+        fields.update(num_heads=base.num_heads, layer_norm_eps=base.layer_norm_eps, pool=base.pool)
+    if layout == "hf":
+        fields.update(_hf_overrides(hf_config))
+    if record:
+        fields.update(record["config"])  # type: ignore[arg-type]
+    if num_heads is not None:
+        fields["num_heads"] = num_heads
+    checkpoint_img = fields["img_size"]
     if img_size is not None:
-        cfg = replace(cfg, img_size=img_size)
+        fields["img_size"] = img_size
+    cfg = ViTConfig(**fields)  # type: ignore[arg-type]
     model = VisionTransformer(cfg)
     load_strict(model, sd)
     model.eval()

@@ -1,0 +1,74 @@
+"""`vit-export`, run as users run it: the installed console script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model_export.manifest import Manifest
+from model_export.vit import ViTConfig, VisionTransformer
+
+VIT_EXPORT = str(Path(sys.executable).parent / "vit-export")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VIT_EXPORT, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_random_init_preset_exports_and_reports_what_it_verified(tmp_path):
+    result = _run("--random-init", "--preset", "vit_tiny_patch16_224", "--out", tmp_path / "ti")
+    assert result.returncode == 0, result.stderr
+    for batch in (1, 2, 3, 8):
+        assert f"verified: batch {batch}: max |ORT - PyTorch|" in result.stdout
+    assert "onnx.checker passed" in result.stdout
+    manifest = Manifest.read(tmp_path / "ti")
+    assert (manifest.name, manifest.source.layout, manifest.config["embed_dim"]) == ("ti", "random-init", 192)
+
+
+def test_a_checkpoint_with_a_labels_file_exports(tmp_path):
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=32, patch_size=8, num_classes=3, embed_dim=64, depth=1, num_heads=1, mlp_dim=64)
+    save_file(VisionTransformer(cfg).state_dict(), tmp_path / "w.safetensors")
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "cat", "1": "dog", "2": "owl"}))
+    result = _run(tmp_path / "w.safetensors", "--labels", tmp_path / "labels.json", "--name", "pets", "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    manifest = Manifest.read(tmp_path / "o")
+    assert manifest.labels == ["cat", "dog", "owl"] and manifest.name == "pets"
+    assert manifest.source.checkpoint == "w.safetensors" and len(manifest.source.sha256) == 64
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: [d / "missing.safetensors"], "checkpoint not found"),
+        (lambda d: [], "give a checkpoint path"),
+        (lambda d: ["--random-init"], "--random-init needs --preset"),
+        (lambda d: [_write(d / "r.safetensors", {"conv.weight": torch.zeros(2)})], "unknown checkpoint layout"),
+        (lambda d: [_write(d / "b.pt", None)], "refused by torch.load"),
+        (lambda d: [_tiny(d), "--preset", "vit_base_patch16_224"], "does not match the preset"),
+        (lambda d: [_tiny(d), "--img-size", "30"], "not a multiple of patch_size"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_a_clear_message(tmp_path, setup, message):
+    result = _run(*setup(tmp_path), "--out", tmp_path / "out")
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("vit-export: error:") and message in last_line
+    assert "Traceback" not in result.stderr
+
+
+def _write(path: Path, tensors: dict | None) -> Path:
+    if tensors is None:
+        path.write_bytes(b"\x80\x04K\x01.")  # a pickle of the int 1, not a state dict
+    else:
+        save_file(tensors, path)
+    return path
+
+
+def _tiny(directory: Path) -> Path:
+    cfg = ViTConfig(img_size=32, patch_size=8, num_classes=2, embed_dim=64, depth=1, num_heads=1, mlp_dim=64)
+    return _write(directory / "tiny.safetensors", VisionTransformer(cfg).state_dict())

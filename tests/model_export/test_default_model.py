@@ -1,0 +1,59 @@
+"""The embedded default model: trained here, exported by our exporter, accurate through ONNX Runtime."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from model_export.checkpoints import import_checkpoint, sha256_file
+from model_export.fashion_mnist import LABELS
+from model_export.manifest import Manifest
+from service.preprocess import ImagePreprocessor
+from service.settings import DEFAULT_MODEL_DIR
+from tests.conftest import encode
+
+WEIGHTS_DIR = DEFAULT_MODEL_DIR.parents[1] / "model_export" / "default_model"
+
+
+def test_the_shipped_artifact_comes_from_the_shipped_weights():
+    manifest = Manifest.read(DEFAULT_MODEL_DIR)
+    assert manifest.labels == list(LABELS)
+    assert manifest.source.layout == "native"
+    assert manifest.source.sha256 == sha256_file(WEIGHTS_DIR / "weights.safetensors")
+    assert manifest.onnx_sha256 == sha256_file(DEFAULT_MODEL_DIR / "model.onnx")
+    record = json.loads((WEIGHTS_DIR / "training_record.json").read_text())
+    assert record["config"] == manifest.config
+    assert record["epochs_completed"] == record["hyperparameters"]["epochs"]
+
+
+def test_the_shipped_graph_matches_the_weights_in_pytorch():
+    imported = import_checkpoint(WEIGHTS_DIR)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = imported.model(x).numpy()
+    session = ort.InferenceSession(str(DEFAULT_MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"pixel_values": x.numpy()})
+    assert np.abs(actual - expected).max() <= 1e-4
+
+
+def test_top1_accuracy_on_the_full_test_split_through_onnxruntime(fashion_test_split):
+    """Each test image as a PNG file, through the server's own decoder and the manifest's preprocessing."""
+    from PIL import Image
+
+    images, labels = fashion_test_split
+    manifest = Manifest.read(DEFAULT_MODEL_DIR)
+    preprocessor = ImagePreprocessor(manifest.preprocessing, max_pixels=10**6)
+    session = ort.InferenceSession(str(DEFAULT_MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.empty((500, *preprocessor.input_shape), dtype=np.float32)
+    correct = 0
+    for start in range(0, len(images), len(batch)):
+        chunk = images[start : start + len(batch)]
+        pixels = [preprocessor(encode(Image.fromarray(image), "PNG")) for image in chunk]
+        preprocessor.normalize_into(pixels, batch[: len(chunk)])
+        (logits,) = session.run(None, {manifest.input_name: batch[: len(chunk)]})
+        correct += int((logits.argmax(1) == labels[start : start + len(chunk)]).sum())
+    accuracy = correct / len(images)
+    print(f"default model top-1 on {len(images)} Fashion-MNIST test images via ONNX Runtime: {accuracy:.4f}")
+    assert len(images) == 10_000
+    assert accuracy >= 0.90

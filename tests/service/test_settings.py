@@ -1,0 +1,32 @@
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+from tests.conftest import REPO
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`VIT_{name.upper()}`" not in readme]
+    assert not missing
+
+
+def test_settings_come_from_vit_environment_variables(monkeypatch):
+    monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("VIT_PROVIDERS", "cpu")
+    settings = Settings()
+    assert (settings.max_batch_size, settings.providers) == (32, "cpu")
+
+
+def test_inconsistent_or_invalid_settings_are_refused():
+    with pytest.raises(ValidationError, match="max_queue_images"):
+        Settings(max_queue_images=4, max_images_per_request=8)
+    with pytest.raises(ValidationError):
+        Settings(providers="tpu")
+
+
+def test_session_workers_default_to_one_per_core_on_cpu_and_one_on_cuda():
+    settings = Settings()
+    assert settings.resolved_session_workers(on_cuda=True) == 1
+    assert settings.resolved_session_workers(on_cuda=False) >= 1
+    assert Settings(session_workers=3).resolved_session_workers(on_cuda=False) == 3
