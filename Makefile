@@ -13,7 +13,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 $(BIN)/vit-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[cpu]'
 	touch $@
 
 serve: $(BIN)/vit-serve
@@ -23,7 +23,7 @@ serve: $(BIN)/vit-serve
 # timm and torchvision are the reference libraries the checkpoint importers are proven against.
 $(VENV)/.test-deps: pyproject.toml $(BIN)/vit-serve
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[export,test]'
+	$(BIN)/pip install --quiet -e '.[cpu,export,test]'
 	touch $@
 
 dataset:

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # the runtime is an extra: say which one to install
+    raise ImportError(
+        "onnxruntime is not installed: pip install 'vit-serve[cpu]' (or 'vit-serve[gpu]' for CUDA)"
+    ) from exc
 
 from model_export.manifest import MANIFEST_METADATA_KEY, Manifest
 from service.errors import StartupError

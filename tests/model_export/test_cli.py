@@ -34,7 +34,9 @@ def test_a_checkpoint_with_a_labels_file_exports(tmp_path):
     cfg = ViTConfig(img_size=32, patch_size=8, num_classes=3, embed_dim=64, depth=1, num_heads=1, mlp_dim=64)
     save_file(VisionTransformer(cfg).state_dict(), tmp_path / "w.safetensors")
     (tmp_path / "labels.json").write_text(json.dumps({"0": "cat", "1": "dog", "2": "owl"}))
-    result = _run(tmp_path / "w.safetensors", "--labels", tmp_path / "labels.json", "--name", "pets", "--out", tmp_path / "o")
+    result = _run(
+        tmp_path / "w.safetensors", "--labels", tmp_path / "labels.json", "--name", "pets", "--out", tmp_path / "o"
+    )
     assert result.returncode == 0, result.stderr
     manifest = Manifest.read(tmp_path / "o")
     assert manifest.labels == ["cat", "dog", "owl"] and manifest.name == "pets"
