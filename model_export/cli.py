@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", type=Path, help="labels file: one per line, or JSON list / {index: label}")
     parser.add_argument("--name", help="model name reported by the server (default: the output folder's name)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument(
+        "--no-explain", action="store_true", help="skip model_explain.onnx, the graph that also outputs attention maps"
+    )
     return parser
 
 
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> Manifest:
         source=Source(checkpoint=imported.source.name, layout=imported.layout, sha256=imported.sha256 or None),
         verification={},
     )
-    return write_artifact(imported.model, args.out, manifest, args.opset)
+    return write_artifact(imported.model, args.out, manifest, args.opset, explain=not args.no_explain)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             f"verified: batch {check['batch']}: max |ORT - PyTorch| = {check['max_abs_diff']:.2e} "
             f"(<= {manifest.verification['tolerance']}), top-1 agreement {check['top1_agreement']:.0%}"
         )
+    for check in manifest.verification.get("explain_batches", []):  # type: ignore[attr-defined]
+        print(f"verified: explain graph, batch {check['batch']}: max |ORT - PyTorch| = {check['max_abs_diff']:.2e}")
     print(f"wrote {args.out / manifest.onnx_file} (sha256 {manifest.onnx_sha256}) and manifest.json")
+    if manifest.explain_onnx_file:
+        print(f"wrote {args.out / manifest.explain_onnx_file} (sha256 {manifest.explain_onnx_sha256})")
     return 0
 
 

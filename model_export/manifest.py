@@ -19,7 +19,11 @@ FORMAT_VERSION = 1
 # Graph names, used both to name the ONNX inputs/outputs and to declare their dynamic axes.
 INPUT_NAME = "pixel_values"
 LOGITS_NAME = "logits"
-ATTENTION_NAME = "cls_attention"
+# The explain graph's extra outputs: (batch, grid, grid) maps of where the [class] token looked.
+LAST_LAYER_ATTENTION_NAME = "cls_attention_last_layer"
+ROLLOUT_ATTENTION_NAME = "cls_attention_rollout"
+EXPLAIN_OUTPUT_NAMES = [LOGITS_NAME, LAST_LAYER_ATTENTION_NAME, ROLLOUT_ATTENTION_NAME]
+EXPLAIN_ONNX_FILE = "model_explain.onnx"
 BATCH_AXIS = "batch"
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
@@ -82,6 +86,8 @@ class Manifest(BaseModel):
     verification: dict[str, object] = Field(default_factory=dict, description="what the export checked, with figures")
     onnx_file: str = "model.onnx"
     onnx_sha256: str | None = Field(None, description="only in manifest.json: a file cannot hold its own hash")
+    explain_onnx_file: str | None = Field(None, description="graph that also outputs the [class] token's attention")
+    explain_onnx_sha256: str | None = None
 
     @property
     def num_classes(self) -> int:

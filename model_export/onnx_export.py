@@ -15,13 +15,15 @@ from torch import nn
 from model_export.checkpoints import sha256_file
 from model_export.manifest import (
     BATCH_AXIS,
+    EXPLAIN_ONNX_FILE,
+    EXPLAIN_OUTPUT_NAMES,
     INPUT_NAME,
     LOGITS_NAME,
     MANIFEST_FILENAME,
     MANIFEST_METADATA_KEY,
     Manifest,
 )
-from model_export.vit import VisionTransformer
+from model_export.vit import VisionTransformer, class_token_attention
 
 DEFAULT_OPSET = 17
 TRACE_BATCH = 2
@@ -41,16 +43,29 @@ class BatchCheck:
     top1_agreement: float
 
 
-class _LogitsOnly(nn.Module):
-    def __init__(self, model: VisionTransformer) -> None:
+class _Graph(nn.Module):
+    """What is traced: logits, and with explain=True also the [class] token's attention maps."""
+
+    def __init__(self, model: VisionTransformer, explain: bool) -> None:
         super().__init__()
         self.model = model
+        self.explain = explain
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.explain:
+            return (self.model(pixel_values),)
+        features, attentions = self.model.forward_features_with_attention(pixel_values)
+        last_layer, rollout = class_token_attention(attentions, self.model.cfg.grid_size)
+        return self.model.forward_head(features), last_layer, rollout
 
 
-def export_onnx(model: VisionTransformer, onnx_path: Path, manifest: Manifest, opset: int = DEFAULT_OPSET) -> None:
+def output_names(explain: bool) -> list[str]:
+    return EXPLAIN_OUTPUT_NAMES if explain else [LOGITS_NAME]
+
+
+def export_onnx(
+    model: VisionTransformer, onnx_path: Path, manifest: Manifest, opset: int = DEFAULT_OPSET, explain: bool = False
+) -> None:
     """Trace to `onnx_path` with a dynamic batch axis and the manifest in the graph's metadata."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
@@ -62,24 +77,31 @@ def export_onnx(model: VisionTransformer, onnx_path: Path, manifest: Manifest, o
         # ones onnxruntime's transformer optimizer recognises; the warning is expected.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        names = output_names(explain)
         torch.onnx.export(
-            _LogitsOnly(model.eval()),
+            _Graph(model.eval(), explain),
             (dummy,),
             str(onnx_path),
             input_names=[INPUT_NAME],
-            output_names=[LOGITS_NAME],
-            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, LOGITS_NAME: {0: BATCH_AXIS}},
+            output_names=names,
+            dynamic_axes={name: {0: BATCH_AXIS} for name in [INPUT_NAME, *names]},
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
         )
+    _embed_manifest(onnx_path, manifest)
+
+
+def _embed_manifest(onnx_path: Path, manifest: Manifest) -> None:
     graph = onnx.load(str(onnx_path))
     onnx.helper.set_model_props(graph, {MANIFEST_METADATA_KEY: manifest.model_dump_json()})
     graph.doc_string = f"{manifest.name}: Vision Transformer, {manifest.pooling} pooling"
     onnx.save(graph, str(onnx_path))
 
 
-def verify_onnx(model: VisionTransformer, onnx_path: Path, tolerance: float = FP32_TOLERANCE) -> list[BatchCheck]:
+def verify_onnx(
+    model: VisionTransformer, onnx_path: Path, tolerance: float = FP32_TOLERANCE, explain: bool = False
+) -> list[BatchCheck]:
     """onnx.checker, then ONNX Runtime against PyTorch on random input at each of VERIFY_BATCHES."""
     try:
         onnx.checker.check_model(str(onnx_path), full_check=True)
@@ -95,34 +117,46 @@ def verify_onnx(model: VisionTransformer, onnx_path: Path, tolerance: float = FP
     for batch in VERIFY_BATCHES:
         x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)
         with torch.no_grad():
-            expected = model(x).numpy()
-        (actual,) = session.run([LOGITS_NAME], {INPUT_NAME: x.numpy()})
-        if actual.shape != expected.shape:
-            raise ExportError(f"batch {batch}: ONNX output shape {actual.shape}, PyTorch {expected.shape}")
-        diff = float(np.abs(actual - expected).max())
-        agreement = float((actual.argmax(1) == expected.argmax(1)).mean())
+            expected = [t.numpy() for t in _Graph(model.eval(), explain)(x)]
+        actual = session.run(output_names(explain), {INPUT_NAME: x.numpy()})
+        diff = 0.0
+        for name, got, want in zip(output_names(explain), actual, expected, strict=True):
+            if got.shape != want.shape:
+                raise ExportError(f"batch {batch}: ONNX {name} has shape {got.shape}, PyTorch {want.shape}")
+            diff = max(diff, float(np.abs(got - want).max()))
+        agreement = float((actual[0].argmax(1) == expected[0].argmax(1)).mean())
         if not diff <= tolerance:  # written so that NaN fails too
             raise ExportError(f"batch {batch}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}")
         checks.append(BatchCheck(batch, diff, agreement))
     return checks
 
 
-def write_artifact(model: VisionTransformer, out_dir: Path, manifest: Manifest, opset: int = DEFAULT_OPSET) -> Manifest:
-    """Export, verify and write `model.onnx` plus `manifest.json` into out_dir; returns the final manifest."""
-    onnx_path = out_dir / manifest.onnx_file
-    export_onnx(model, onnx_path, manifest, opset)
-    checks = verify_onnx(model, onnx_path)
-    verification = {
+def write_artifact(
+    model: VisionTransformer, out_dir: Path, manifest: Manifest, opset: int = DEFAULT_OPSET, explain: bool = True
+) -> Manifest:
+    """Export, verify and write `model.onnx` (and, with explain, `model_explain.onnx`) plus
+    `manifest.json` into out_dir; returns the final manifest."""
+    graphs = {manifest.onnx_file: False, **({EXPLAIN_ONNX_FILE: True} if explain else {})}
+    verification: dict[str, object] = {
         "onnx_checker": "passed",
         "onnxruntime": ort.__version__,
         "tolerance": FP32_TOLERANCE,
-        "batches": [check.__dict__ for check in checks],
     }
-    final = manifest.model_copy(update={"verification": verification})
-    # Re-embed so the graph's copy carries the verification figures too, then hash the final bytes.
-    graph = onnx.load(str(onnx_path))
-    onnx.helper.set_model_props(graph, {MANIFEST_METADATA_KEY: final.model_dump_json()})
-    onnx.save(graph, str(onnx_path))
-    final = final.model_copy(update={"onnx_sha256": sha256_file(onnx_path)})
+    for filename, with_maps in graphs.items():
+        export_onnx(model, out_dir / filename, manifest, opset, explain=with_maps)
+        checks = verify_onnx(model, out_dir / filename, explain=with_maps)
+        verification["explain_batches" if with_maps else "batches"] = [check.__dict__ for check in checks]
+    final = manifest.model_copy(
+        update={"verification": verification, "explain_onnx_file": EXPLAIN_ONNX_FILE if explain else None}
+    )
+    # Re-embed so each graph's copy carries the verification figures too, then hash the final bytes.
+    for filename in graphs:
+        _embed_manifest(out_dir / filename, final)
+    final = final.model_copy(
+        update={
+            "onnx_sha256": sha256_file(out_dir / manifest.onnx_file),
+            "explain_onnx_sha256": sha256_file(out_dir / EXPLAIN_ONNX_FILE) if explain else None,
+        }
+    )
     (out_dir / MANIFEST_FILENAME).write_text(final.to_json())
     return final

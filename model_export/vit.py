@@ -198,6 +198,26 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(images))
 
 
+def class_token_attention(attentions: list[torch.Tensor], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the [class] token looked, as two (B, grid, grid) maps that each sum to 1.
+
+    last layer: the class token's attention row in the final block, mean over heads.
+    rollout: attention rollout (Abnar & Zuidema, 2020): each block's head-mean attention plus
+    the residual path (0.5 A + 0.5 I, rows renormalised), multiplied through the depth.
+    """
+    last = attentions[-1].mean(dim=1)[:, 0, 1:]  # (B, N)
+    tokens = attentions[0].shape[-1]
+    eye = torch.eye(tokens, dtype=attentions[0].dtype, device=attentions[0].device)
+    rollout = eye.expand(attentions[0].shape[0], tokens, tokens)
+    for weights in attentions:
+        mixed = 0.5 * weights.mean(dim=1) + 0.5 * eye
+        rollout = (mixed / mixed.sum(dim=-1, keepdim=True)) @ rollout  # (B, 1 + N, 1 + N)
+    maps = []
+    for row in (last, rollout[:, 0, 1:]):
+        maps.append((row / row.sum(dim=-1, keepdim=True)).reshape(-1, grid, grid))
+    return maps[0], maps[1]
+
+
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
     """Resize the patch rows of a (1, prefix + g*g, D) table to new_grid; prefix rows are kept as they are."""
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]

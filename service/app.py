@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model_export.manifest import EXPLAIN_OUTPUT_NAMES
 from service.classifier import Classifier
 from service.errors import install_error_handlers
 from service.lifecycle import Lifecycle
@@ -61,8 +62,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Start-up order: load -> check providers -> warm up -> start the batcher -> ready.
         manifest = await asyncio.to_thread(load_manifest, settings.model_dir)
-        backend = await asyncio.to_thread(OnnxBackend, settings.model_dir, manifest, settings)
-        classifier = Classifier(manifest, backend, settings, metrics)
+        plain = settings.model_dir / manifest.onnx_file
+        backend = await asyncio.to_thread(OnnxBackend, plain, manifest, settings, manifest.output_names[:1])
+        explain_backend = None
+        if manifest.explain_onnx_file:
+            # One session: explain requests are the exception, and must not take cores from the rest.
+            explain = settings.model_dir / manifest.explain_onnx_file
+            explain_backend = await asyncio.to_thread(
+                OnnxBackend, explain, manifest, settings, EXPLAIN_OUTPUT_NAMES, workers=1
+            )
+        classifier = Classifier(manifest, backend, settings, metrics, explain_backend)
         await classifier.start()
         app.state.classifier = classifier
         metrics.model_info.labels(model=manifest.name, provider=backend.provider, variant=manifest.variant).set(1)

@@ -23,12 +23,12 @@ from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-RunBatch = Callable[[list[np.ndarray]], np.ndarray]
+RunBatch = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 @dataclass(frozen=True)
 class ImageResult:
-    logits: np.ndarray  # (num_classes,)
+    outputs: list[np.ndarray]  # this image's row of every graph output; logits first
     queue_wait_s: float  # from admission to the start of its batch
     inference_s: float  # wall time of the batch it ran in
     batch_size: int
@@ -181,7 +181,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            logits = await loop.run_in_executor(self._executor, self._run_batch, [item.pixels for item in batch])
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, [item.pixels for item in batch])
         except Exception as exc:  # a failed batch fails its own members only, and says so
             logger.exception("inference failed for a batch of %d images", len(batch))
             for item in batch:
@@ -193,10 +193,11 @@ class Batcher:
         elapsed = loop.time() - started
         self._metrics.batch_size.observe(len(batch))
         self._metrics.inference_seconds.observe(elapsed)
-        for row, item in zip(logits, batch, strict=True):
+        for index, item in enumerate(batch):
             self._metrics.queue_wait_seconds.observe(started - item.enqueued)
             if not item.future.done():
-                item.future.set_result(ImageResult(row, started - item.enqueued, elapsed, len(batch)))
+                rows = [output[index] for output in outputs]
+                item.future.set_result(ImageResult(rows, started - item.enqueued, elapsed, len(batch)))
 
     async def drain(self) -> None:
         """Stop admitting, let everything queued and running finish, then stop the owner."""

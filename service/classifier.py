@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import threading
 import time
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_export.manifest import Manifest
-from service.batcher import Batcher
-from service.errors import ServiceError
+from service.batcher import Batcher, ImageResult
+from service.errors import InvalidParameter, ServiceError
+from service.explain import heatmap_png
 from service.metrics import Metrics
 from service.preprocess import ImagePreprocessor
 from service.runtime import OnnxBackend, warm_up_batch_sizes
@@ -31,9 +33,19 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """Where the [class] token looked: grids over the patches, each summing to 1."""
+
+    rollout: list[list[float]]
+    last_layer: list[list[float]]
+    heatmap_png: str  # base64 PNG of the rollout over the model's view of the image
+
+
+@dataclass(frozen=True)
 class Classification:
     filename: str
     predictions: list[Prediction]
+    attention: Attention | None = None
 
 
 @dataclass(frozen=True)
@@ -52,48 +64,74 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Classifier:
-    def __init__(self, manifest: Manifest, backend: OnnxBackend, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        backend: OnnxBackend,
+        settings: Settings,
+        metrics: Metrics,
+        explain_backend: OnnxBackend | None = None,
+    ) -> None:
         self.manifest = manifest
         self.backend = backend
+        self.explain_backend = explain_backend
         self.settings = settings
         self.metrics = metrics
         self.preprocessor = ImagePreprocessor(manifest.preprocessing, settings.max_image_pixels)
         self._decode_pool = ThreadPoolExecutor(settings.resolved_preprocess_threads(), thread_name_prefix="decode")
-        self._inference_pool = ThreadPoolExecutor(backend.workers, thread_name_prefix="inference")
-        self._buffers = threading.local()
-        self.batcher = Batcher(
-            self._run_batch,
-            self._inference_pool,
+        self._pools: list[ThreadPoolExecutor] = []
+        self.batcher = self._batcher_for(backend)
+        self.explain_batcher = self._batcher_for(explain_backend) if explain_backend else None
+
+    def _batcher_for(self, backend: OnnxBackend) -> Batcher:
+        pool = ThreadPoolExecutor(backend.workers, thread_name_prefix=f"inference-{backend.onnx_path.stem}")
+        self._pools.append(pool)
+        buffers = threading.local()
+
+        def run_batch(images: list[np.ndarray]) -> list[np.ndarray]:
+            # Each inference thread reuses one float32 buffer: normalisation writes straight into it.
+            buffer = getattr(buffers, "batch", None)
+            if buffer is None:
+                shape = (self.settings.max_batch_size, *self.preprocessor.input_shape)
+                buffer = buffers.batch = np.empty(shape, dtype=np.float32)
+            batch = buffer[: len(images)]
+            self.preprocessor.normalize_into(images, batch)
+            return backend.predict(batch)
+
+        return Batcher(
+            run_batch,
+            pool,
             workers=backend.workers,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_wait_ms / 1000.0,
-            max_queue_images=settings.max_queue_images,
-            retry_after_s=settings.retry_after_s,
-            metrics=metrics,
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_s=self.settings.max_wait_ms / 1000.0,
+            max_queue_images=self.settings.max_queue_images,
+            retry_after_s=self.settings.retry_after_s,
+            metrics=self.metrics,
         )
 
+    def _pairs(self) -> list[tuple[OnnxBackend, Batcher]]:
+        pairs = [(self.backend, self.batcher)]
+        if self.explain_backend is not None and self.explain_batcher is not None:
+            pairs.append((self.explain_backend, self.explain_batcher))
+        return pairs
+
     async def start(self) -> None:
-        """Warm every session at every batch size the batcher may form, then open the queue."""
+        """Warm every session at every batch size the batchers may form, then open the queues."""
         sizes = warm_up_batch_sizes(self.settings.max_batch_size)
-        started = time.perf_counter()
-        await asyncio.to_thread(self.backend.warm_up, sizes, self.preprocessor.input_shape)
-        logger.info("warm-up at batch sizes %s took %.2f s", sizes, time.perf_counter() - started)
-        self.batcher.start()
+        for backend, batcher in self._pairs():
+            started = time.perf_counter()
+            await asyncio.to_thread(backend.warm_up, sizes, self.preprocessor.input_shape)
+            logger.info(
+                "%s warmed up at batch sizes %s in %.2f s", backend.onnx_path.name, sizes, time.perf_counter() - started
+            )
+            batcher.start()
 
     async def stop(self) -> None:
-        await self.batcher.drain()
+        for _, batcher in self._pairs():
+            await batcher.drain()
         self._decode_pool.shutdown(wait=True)
-        self._inference_pool.shutdown(wait=True)
-
-    def _run_batch(self, images: list[np.ndarray]) -> np.ndarray:
-        # Each inference thread reuses one float32 buffer: normalisation writes straight into it.
-        buffer = getattr(self._buffers, "batch", None)
-        if buffer is None:
-            shape = (self.settings.max_batch_size, *self.preprocessor.input_shape)
-            buffer = self._buffers.batch = np.empty(shape, dtype=np.float32)
-        batch = buffer[: len(images)]
-        self.preprocessor.normalize_into(images, batch)
-        return self.backend.predict(batch)
+        for pool in self._pools:
+            pool.shutdown(wait=True)
 
     def _decode(self, upload: Upload) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
@@ -106,19 +144,39 @@ class Classifier:
         self.metrics.preprocess_seconds.observe(elapsed)
         return pixels, elapsed
 
-    async def classify(self, uploads: list[Upload], k: int, deadline: float) -> tuple[list[Classification], Timings]:
+    def _attention(self, pixels: np.ndarray, result: ImageResult) -> Attention:
+        _, last_layer, rollout = result.outputs
+        png = base64.b64encode(heatmap_png(pixels, rollout)).decode("ascii")
+        return Attention(rollout=rollout.tolist(), last_layer=last_layer.tolist(), heatmap_png=png)
+
+    async def classify(
+        self, uploads: list[Upload], k: int, deadline: float, explain: bool = False
+    ) -> tuple[list[Classification], Timings]:
         """Classify every upload or raise the first typed error (naming its part)."""
+        batcher = self.explain_batcher if explain else self.batcher
+        if batcher is None:
+            raise InvalidParameter("explain=true needs model_explain.onnx: export the model without --no-explain")
         loop = asyncio.get_running_loop()
-        with self.batcher.admission(len(uploads)):
+        with batcher.admission(len(uploads)):
             decoded = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._decode, u) for u in uploads))
-            results = await self.batcher.submit([pixels for pixels, _ in decoded], deadline)
+            results = await batcher.submit([pixels for pixels, _ in decoded], deadline)
+            attention: list[Attention | None] = [None] * len(uploads)
+            if explain:
+                attention = list(
+                    await asyncio.gather(
+                        *(
+                            loop.run_in_executor(self._decode_pool, self._attention, pixels, result)
+                            for (pixels, _), result in zip(decoded, results, strict=True)
+                        )
+                    )
+                )
         self.metrics.images.inc(len(uploads))
         labels = self.manifest.labels
         classifications = []
-        for upload, result in zip(uploads, results, strict=True):
-            indices, scores = top_k(result.logits, k)
+        for upload, result, maps in zip(uploads, results, attention, strict=True):
+            indices, scores = top_k(result.outputs[0], k)
             predictions = [Prediction(labels[i], int(i), float(s)) for i, s in zip(indices, scores, strict=True)]
-            classifications.append(Classification(upload.name, predictions))
+            classifications.append(Classification(upload.name, predictions, maps))
         timings = Timings(
             preprocess_s=max(elapsed for _, elapsed in decoded),
             queue_wait_s=max(r.queue_wait_s for r in results),

@@ -60,11 +60,19 @@ def load_manifest(model_dir: Path) -> Manifest:
 
 
 class OnnxBackend:
-    """N independent sessions; `predict` borrows a free one, so N batches run side by side."""
+    """N independent sessions of one graph; `predict` borrows a free one, so N batches run side by side."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, settings: Settings) -> None:
+    def __init__(
+        self,
+        onnx_path: Path,
+        manifest: Manifest,
+        settings: Settings,
+        output_names: list[str],
+        workers: int | None = None,
+    ) -> None:
         self.manifest = manifest
-        self.onnx_path = model_dir / manifest.onnx_file
+        self.onnx_path = onnx_path
+        self.output_names = output_names
         if not self.onnx_path.is_file():
             raise StartupError(f"model file {self.onnx_path} not found")
         available = ort.get_available_providers()
@@ -81,14 +89,14 @@ class OnnxBackend:
             logger.warning(message)
         self.on_cuda = active == CUDA
         self._check_io_names(first)
-        self.workers = settings.resolved_session_workers(self.on_cuda)
+        self.workers = workers or settings.resolved_session_workers(self.on_cuda)
         sessions = [first] + [self._new_session(requested, settings.intra_op_threads) for _ in range(self.workers - 1)]
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
         logger.info(
-            "model %s on %s: %d session(s) x %d thread(s)",
-            manifest.name,
+            "%s on %s: %d session(s) x %d thread(s)",
+            onnx_path.name,
             active,
             self.workers,
             settings.intra_op_threads,
@@ -107,35 +115,35 @@ class OnnxBackend:
     def _check_io_names(self, session: ort.InferenceSession) -> None:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
-        if inputs != [self.manifest.input_name] or self.manifest.output_names[0] not in outputs:
+        if inputs != [self.manifest.input_name] or not set(self.output_names) <= set(outputs):
             raise StartupError(
-                f"graph inputs {inputs} / outputs {outputs} do not match the manifest's "
-                f"{self.manifest.input_name} / {self.manifest.output_names}"
+                f"{self.onnx_path.name}: graph inputs {inputs} / outputs {outputs} do not match the expected "
+                f"{self.manifest.input_name} / {self.output_names}"
             )
 
     @property
     def provider(self) -> str:
         return self.providers.active
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (B, num_classes) for a float32 (B, C, H, W) batch; blocking, thread-safe."""
+    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output (logits first), each (B, ...), for a float32 (B, C, H, W) batch; blocking, thread-safe."""
         session = self._free.get()
         try:
             return self._run(session, batch)
         finally:
             self._free.put(session)
 
-    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> list[np.ndarray]:
         if not self.on_cuda:
-            (logits,) = session.run([self.manifest.output_names[0]], {self.manifest.input_name: batch})
-            return logits
-        # IO binding: one host-to-device copy in, the output allocated on the device and
+            return session.run(self.output_names, {self.manifest.input_name: batch})  # type: ignore[no-any-return]
+        # IO binding: one host-to-device copy in, the outputs allocated on the device and
         # copied back once, instead of run()'s extra staging copies.
         binding = session.io_binding()
         binding.bind_cpu_input(self.manifest.input_name, batch)
-        binding.bind_output(self.manifest.output_names[0], "cuda")
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
         session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()  # type: ignore[no-any-return]
 
     def warm_up(self, batch_sizes: list[int], input_shape: tuple[int, int, int]) -> None:
         """A real forward pass at each batch size, on every session."""
@@ -143,7 +151,7 @@ class OnnxBackend:
         try:
             for session in sessions:
                 for size in batch_sizes:
-                    logits = self._run(session, np.zeros((size, *input_shape), dtype=np.float32))
+                    logits = self._run(session, np.zeros((size, *input_shape), dtype=np.float32))[0]
                     if logits.shape != (size, self.manifest.num_classes) or not np.isfinite(logits).all():
                         raise StartupError(f"warm-up at batch {size} gave {logits.shape} / non-finite logits")
         finally:

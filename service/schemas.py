@@ -15,9 +15,18 @@ class PredictionOut(BaseModel):
     score: float = Field(ge=0, le=1, description="softmax probability", examples=[0.97])
 
 
+class AttentionOut(BaseModel):
+    """Where the [class] token looked, over the patch grid (rows x cols); each grid sums to 1."""
+
+    rollout: list[list[float]] = Field(description="attention rollout through every block (heads averaged)")
+    last_layer: list[list[float]] = Field(description="the class token's attention in the last block, heads averaged")
+    heatmap_png: str = Field(description="base64 PNG: the rollout over the image as the model saw it")
+
+
 class ImageResultOut(BaseModel):
     filename: str = Field(description="the upload's filename, or its position", examples=["boot.png"])
     predictions: list[PredictionOut] = Field(description="top-k, highest score first")
+    attention: AttentionOut | None = Field(None, description="only with explain=true")
 
 
 class ClassifyResponse(BaseModel):

@@ -11,7 +11,7 @@ from service.classifier import Classifier
 from service.errors import BadRequest, InvalidParameter
 from service.lifecycle import Lifecycle
 from service.routes.dependencies import get_classifier, get_lifecycle, get_settings
-from service.schemas import ERROR_RESPONSES, ClassifyResponse, ImageResultOut, PredictionOut
+from service.schemas import ERROR_RESPONSES, AttentionOut, ClassifyResponse, ImageResultOut, PredictionOut
 from service.settings import Settings
 from service.uploads import read_uploads
 
@@ -52,12 +52,14 @@ async def _wait_for_disconnect(request: Request) -> None:
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
+    response_model_exclude_none=True,
     responses=ERROR_RESPONSES,  # type: ignore[arg-type]
     openapi_extra={"requestBody": REQUEST_BODY},
     summary="Classify one or more images",
     description="Send images as repeatable multipart `file` parts, as a raw image body, or as JSON base64. "
     "Returns the top-k labels per image with softmax scores. Timing headers: X-Preprocess-Time-Ms, "
-    "X-Queue-Time-Ms, X-Inference-Time-Ms.",
+    "X-Queue-Time-Ms, X-Inference-Time-Ms. With explain=true each result also carries where the [class] token "
+    "looked: attention grids over the patches and a heat-map PNG.",
 )
 async def classify(
     request: Request,
@@ -66,6 +68,7 @@ async def classify(
     lifecycle: Annotated[Lifecycle, Depends(get_lifecycle)],
     settings: Annotated[Settings, Depends(get_settings)],
     top_k: Annotated[int | None, Query(ge=1, description="labels per image (default VIT_DEFAULT_TOP_K)")] = None,
+    explain: Annotated[bool, Query(description="also return the [class] token's attention maps")] = False,
     x_request_timeout: Annotated[
         float | None, Header(gt=0, description="seconds this client will wait; capped by VIT_REQUEST_TIMEOUT_S")
     ] = None,
@@ -81,7 +84,7 @@ async def classify(
         uploads = await read_uploads(
             request, max_bytes=settings.max_body_bytes, max_images=settings.max_images_per_request
         )
-        work = asyncio.ensure_future(classifier.classify(uploads, k, deadline))
+        work = asyncio.ensure_future(classifier.classify(uploads, k, deadline, explain))
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
@@ -100,6 +103,7 @@ async def classify(
             ImageResultOut(
                 filename=r.filename,
                 predictions=[PredictionOut(label=p.label, class_id=p.class_id, score=p.score) for p in r.predictions],
+                attention=AttentionOut(**vars(r.attention)) if r.attention else None,
             )
             for r in results
         ],

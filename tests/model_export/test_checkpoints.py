@@ -13,7 +13,7 @@ from model_export.checkpoints import (
     read_state_dict,
     strip_wrapper_prefixes,
 )
-from model_export.vit import ViTConfig, VisionTransformer
+from model_export.vit import VisionTransformer, ViTConfig
 
 CFG = ViTConfig(img_size=32, patch_size=8, num_classes=4, embed_dim=64, depth=2, num_heads=1, mlp_dim=128)
 

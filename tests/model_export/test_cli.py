@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from model_export.manifest import Manifest
-from model_export.vit import ViTConfig, VisionTransformer
+from model_export.vit import VisionTransformer, ViTConfig
 
 VIT_EXPORT = str(Path(sys.executable).parent / "vit-export")
 

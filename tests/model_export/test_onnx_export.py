@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from model_export.checkpoints import default_preprocessing, sha256_file
-from model_export.manifest import INPUT_NAME, LOGITS_NAME, MANIFEST_METADATA_KEY, Manifest, Source
+from model_export.manifest import EXPLAIN_OUTPUT_NAMES, INPUT_NAME, LOGITS_NAME, MANIFEST_METADATA_KEY, Manifest, Source
 from model_export.onnx_export import FP32_TOLERANCE, ExportError, export_onnx, verify_onnx, write_artifact
-from model_export.vit import ViTConfig, VisionTransformer
+from model_export.vit import VisionTransformer, ViTConfig
 
 
 def _model(pool: str = "token") -> VisionTransformer:
@@ -53,7 +53,7 @@ def test_graph_metadata_carries_the_same_manifest(artifact):
     _, out, manifest = artifact
     props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     embedded = Manifest.model_validate(json.loads(props[MANIFEST_METADATA_KEY]))
-    assert embedded == manifest.model_copy(update={"onnx_sha256": None})
+    assert embedded == manifest.model_copy(update={"onnx_sha256": None, "explain_onnx_sha256": None})
 
 
 def test_batch_axis_is_dynamic_and_names_are_the_constants(artifact):
@@ -100,3 +100,24 @@ def test_an_old_opset_is_refused(tmp_path):
     model = _model()
     with pytest.raises(ExportError, match="opset 13"):
         export_onnx(model, tmp_path / "m.onnx", _manifest(model), opset=13)
+
+
+def test_explain_graph_outputs_logits_and_two_normalised_maps(artifact):
+    model, out, manifest = artifact
+    assert manifest.explain_onnx_sha256 == sha256_file(out / "model_explain.onnx")
+    assert all(b["max_abs_diff"] <= FP32_TOLERANCE for b in manifest.verification["explain_batches"])
+    session = ort.InferenceSession(str(out / "model_explain.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == EXPLAIN_OUTPUT_NAMES
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    logits, last_layer, rollout = session.run(None, {INPUT_NAME: x})
+    plain = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(logits - plain.run(None, {INPUT_NAME: x})[0]).max() <= FP32_TOLERANCE
+    for grid in (last_layer, rollout):
+        assert grid.shape == (3, 4, 4) and (grid >= 0).all()
+        assert np.allclose(grid.sum(axis=(1, 2)), 1.0, atol=1e-5)
+
+
+def test_no_explain_writes_only_the_plain_graph(tmp_path):
+    model = _model()
+    manifest = write_artifact(model, tmp_path, _manifest(model), explain=False)
+    assert manifest.explain_onnx_file is None and not (tmp_path / "model_explain.onnx").exists()

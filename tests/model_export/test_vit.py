@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model_export.vit import PRESETS, VisionTransformer, ViTConfig, preset, resample_pos_embed
+from model_export.vit import PRESETS, VisionTransformer, ViTConfig, class_token_attention, preset, resample_pos_embed
 
 SMALL = ViTConfig(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_dim=64)
 
@@ -107,3 +107,24 @@ def test_resample_keeps_the_class_row_and_interpolates_the_grid():
     assert resample_pos_embed(table, new_grid=4) is table
     with pytest.raises(ValueError, match="square grid"):
         resample_pos_embed(table[:, :-1], new_grid=4)
+
+
+def test_attention_maps_are_grids_that_sum_to_one():
+    model = VisionTransformer(SMALL).eval()
+    with torch.no_grad():
+        _, attentions = model.forward_features_with_attention(torch.randn(2, 3, 32, 32))
+        last, rollout = class_token_attention(attentions, grid=4)
+    for grid in (last, rollout):
+        assert grid.shape == (2, 4, 4) and (grid >= 0).all()
+        assert torch.allclose(grid.sum(dim=(1, 2)), torch.ones(2))
+
+
+def test_rollout_of_uniform_attention_is_uniform_and_follows_a_focused_class_token():
+    uniform = [torch.full((1, 2, 17, 17), 1 / 17) for _ in range(3)]
+    _, rollout = class_token_attention(uniform, grid=4)
+    assert torch.allclose(rollout, torch.full((1, 4, 4), 1 / 16))
+    focused = torch.full((1, 2, 17, 17), 1 / 17)
+    focused[:, :, 0] = 0
+    focused[:, :, 0, 6] = 1.0  # the class token looks only at patch 5 (row 1, col 1)
+    last, rollout = class_token_attention([focused], grid=4)
+    assert last[0, 1, 1] == 1.0 and rollout[0].argmax() == 5

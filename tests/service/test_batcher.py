@@ -13,12 +13,12 @@ from service.metrics import Metrics
 POISON = 255
 
 
-def _run_batch(images: list[np.ndarray]) -> np.ndarray:
+def _run_batch(images: list[np.ndarray]) -> list[np.ndarray]:
     """Logits = the image's value, one-hot; a batch holding a poisoned image fails as a whole."""
     values = [int(image[0, 0, 0]) for image in images]
     if POISON in values:
         raise RuntimeError("device fell over")
-    return np.eye(256, dtype=np.float32)[values]
+    return [np.eye(256, dtype=np.float32)[values]]
 
 
 def _image(value: int) -> np.ndarray:
@@ -46,8 +46,8 @@ def test_results_go_back_by_index_across_batches():
         return first, second
 
     first, second = asyncio.run(scenario())
-    assert [int(r.logits.argmax()) for r in first] == [1, 2, 3, 4, 5, 6]
-    assert [int(r.logits.argmax()) for r in second] == [7, 8]
+    assert [int(r.outputs[0].argmax()) for r in first] == [1, 2, 3, 4, 5, 6]
+    assert [int(r.outputs[0].argmax()) for r in second] == [7, 8]
     assert all(r.batch_size <= 4 for r in first + second)
 
 
@@ -66,7 +66,7 @@ def test_a_failed_batch_fails_only_its_own_requests():
     # The poisoned image and the one batched with it fail clearly; the next batch is unaffected.
     assert isinstance(poisoned, InferenceFailed) and "device fell over" in poisoned.message
     assert isinstance(neighbour, InferenceFailed)
-    assert int(bystander[0].logits.argmax()) == 10
+    assert int(bystander[0].outputs[0].argmax()) == 10
 
 
 def test_admission_is_counted_in_images_and_released_after_the_answer():
@@ -74,9 +74,8 @@ def test_admission_is_counted_in_images_and_released_after_the_answer():
         with ThreadPoolExecutor(1) as pool:
             batcher = _batcher(pool, max_queue_images=4)
             batcher.start()
-            with batcher.admission(3), pytest.raises(Overloaded):
-                with batcher.admission(2):
-                    pass
+            with batcher.admission(3), pytest.raises(Overloaded), batcher.admission(2):
+                pass
             assert batcher.admitted_images == 0
             await _submit(batcher, [1, 2, 3, 4])
             await batcher.drain()
