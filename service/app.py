@@ -17,7 +17,7 @@ from service.classifier import Classifier
 from service.errors import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
-from service.routes import classify, health, models
+from service.routes import classify, health, models, v2
 from service.runtime import OnnxBackend, load_manifest
 from service.settings import Settings, get_settings
 
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:

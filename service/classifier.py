@@ -55,10 +55,14 @@ class Timings:
     inference_s: float  # longest batch this request's images ran in
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+
+
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and softmax probabilities of the k largest logits, highest first."""
-    shifted = np.exp(logits - logits.max())
-    probabilities = shifted / shifted.sum()
+    probabilities = softmax(logits)
     order = np.argsort(-probabilities, kind="stable")[:k]
     return order, probabilities[order]
 
@@ -149,10 +153,9 @@ class Classifier:
         png = base64.b64encode(heatmap_png(pixels, rollout)).decode("ascii")
         return Attention(rollout=rollout.tolist(), last_layer=last_layer.tolist(), heatmap_png=png)
 
-    async def classify(
-        self, uploads: list[Upload], k: int, deadline: float, explain: bool = False
-    ) -> tuple[list[Classification], Timings]:
-        """Classify every upload or raise the first typed error (naming its part)."""
+    async def _run(
+        self, uploads: list[Upload], deadline: float, explain: bool
+    ) -> tuple[list[tuple[np.ndarray, float]], list[ImageResult], list[Attention | None]]:
         batcher = self.explain_batcher if explain else self.batcher
         if batcher is None:
             raise InvalidParameter("explain=true needs model_explain.onnx: export the model without --no-explain")
@@ -162,15 +165,19 @@ class Classifier:
             results = await batcher.submit([pixels for pixels, _ in decoded], deadline)
             attention: list[Attention | None] = [None] * len(uploads)
             if explain:
-                attention = list(
-                    await asyncio.gather(
-                        *(
-                            loop.run_in_executor(self._decode_pool, self._attention, pixels, result)
-                            for (pixels, _), result in zip(decoded, results, strict=True)
-                        )
-                    )
-                )
+                maps = [
+                    loop.run_in_executor(self._decode_pool, self._attention, p, r)
+                    for (p, _), r in zip(decoded, results, strict=True)
+                ]
+                attention = list(await asyncio.gather(*maps))
         self.metrics.images.inc(len(uploads))
+        return decoded, results, attention
+
+    async def classify(
+        self, uploads: list[Upload], k: int, deadline: float, explain: bool = False
+    ) -> tuple[list[Classification], Timings]:
+        """Classify every upload or raise the first typed error (naming its part)."""
+        decoded, results, attention = await self._run(uploads, deadline, explain)
         labels = self.manifest.labels
         classifications = []
         for upload, result, maps in zip(uploads, results, attention, strict=True):
@@ -183,3 +190,15 @@ class Classifier:
             inference_s=max(r.inference_s for r in results),
         )
         return classifications, timings
+
+    async def probabilities(self, uploads: list[Upload], deadline: float) -> np.ndarray:
+        """Softmax over every class, (N, num_classes), for encoded images."""
+        _, results, _ = await self._run(uploads, deadline, explain=False)
+        return softmax(np.stack([r.outputs[0] for r in results]))
+
+    async def probabilities_of_tensor(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+        """Softmax over every class for an already preprocessed float32 (N, C, H, W) batch."""
+        with self.batcher.admission(len(batch)):
+            results = await self.batcher.submit(list(batch), deadline)
+        self.metrics.images.inc(len(batch))
+        return softmax(np.stack([r.outputs[0] for r in results]))

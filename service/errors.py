@@ -35,6 +35,10 @@ class NoImage(ServiceError):
     status, error_type = 400, "no_image"
 
 
+class ModelNotFound(ServiceError):
+    status, error_type = 404, "model_not_found"
+
+
 class PayloadTooLarge(ServiceError):
     status, error_type = 413, "payload_too_large"
 

@@ -138,7 +138,11 @@ class ImagePreprocessor:
         return image.resize((prep.image_size, prep.image_size), self.resample, box=box)
 
     def normalize_into(self, images: list[np.ndarray], out: np.ndarray) -> None:
-        """Write (x / 255 - mean) / std of each uint8 (H, W, C) image into out[i] as (C, H, W)."""
+        """Write (x / 255 - mean) / std of each uint8 (H, W, C) image into out[i] as (C, H, W);
+        float32 (C, H, W) tensors arrive already normalised (Open Inference Protocol FP32 input)."""
         for slot, image in zip(out, images, strict=True):
+            if image.dtype == np.float32:
+                slot[...] = image
+                continue
             np.multiply(image.transpose(2, 0, 1), self._scale, out=slot)
             slot += self._bias

@@ -42,7 +42,8 @@ async def _limited_stream(request: Request, max_bytes: int) -> AsyncIterator[byt
         raise BadRequest("the client closed the connection before the body was complete") from None
 
 
-async def _read_all(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes max_bytes."""
     return b"".join([chunk async for chunk in _limited_stream(request, max_bytes)])
 
 
@@ -143,11 +144,11 @@ async def read_uploads(request: Request, *, max_bytes: int, max_images: int) -> 
     if media == "multipart/form-data":
         uploads = await _read_multipart(request, params, max_bytes, max_images)
     elif media == "application/json":
-        uploads = _decode_json(await _read_all(request, max_bytes), max_images)
+        uploads = _decode_json(await read_body(request, max_bytes), max_images)
     elif media.startswith("image/") or media == "application/octet-stream":
-        uploads = [Upload("body", await _read_all(request, max_bytes))]
+        uploads = [Upload("body", await read_body(request, max_bytes))]
     elif not media:
-        if not await _read_all(request, max_bytes):
+        if not await read_body(request, max_bytes):
             raise NoImage(f"empty request: send an image as {ACCEPTED_TYPES}")
         raise UnsupportedMediaType(f"no Content-Type; use {ACCEPTED_TYPES}")
     else:
