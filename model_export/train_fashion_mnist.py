@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model_export.fashion_mnist import LABELS, MEAN, STD, load_split
 from model_export.vit import VisionTransformer, preset
@@ -60,12 +60,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-epochs", type=float, default=2.0)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init-from", type=Path, help="continue from this folder's weights (its training record is kept in ours)"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     cfg = preset("vit_fashion_mnist")
     model = VisionTransformer(cfg)
+    previous = None
+    if args.init_from is not None:
+        model.load_state_dict(load_file(args.init_from / "weights.safetensors"), strict=True)
+        previous = json.loads((args.init_from / "training_record.json").read_text())
     train_x, train_y = load_split("train")
     test_x, test_y = load_split("test")
     x, y = _to_tensor(train_x), torch.from_numpy(train_y.astype(np.int64))
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
             "config": cfg.to_dict(),
             "labels": list(LABELS),
             "normalisation": {"mean": [MEAN], "std": [STD]},
-            "hyperparameters": {k: v for k, v in vars(args).items() if k != "out"},
+            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("out", "init_from")},
+            "continued_from": previous,
             "parameters": sum(p.numel() for p in model.parameters()),
             "epochs_completed": epoch,
             "wall_time_s": round(time.time() - started, 1),

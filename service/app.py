@@ -17,7 +17,7 @@ from service.classifier import Classifier
 from service.errors import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
-from service.routes import classify, health, models, v2
+from service.routes import classify, demo, health, models, v2
 from service.runtime import OnnxBackend, load_manifest
 from service.settings import Settings, get_settings
 
@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(v2.router)
+    app.include_router(demo.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
