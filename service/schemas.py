@@ -20,7 +20,7 @@ class AttentionOut(BaseModel):
 
     rollout: list[list[float]] = Field(description="attention rollout through every block (heads averaged)")
     last_layer: list[list[float]] = Field(description="the class token's attention in the last block, heads averaged")
-    heatmap_png: str = Field(description="base64 PNG: the rollout over the image as the model saw it")
+    heatmap_png: str = Field(description="base64 PNG at the model's input size: the rollout over the image it saw")
 
 
 class ImageResultOut(BaseModel):

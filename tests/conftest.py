@@ -3,16 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
-import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,71 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.server import ServerProcess, run_server
 from model_export.fashion_mnist import LABELS, load_split
-from service.settings import DEFAULT_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 60
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
-    url: str
-    lines: list[str] = field(default_factory=list)
-
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-
-def _pump(stream: io.TextIOBase, lines: list[str], announced: queue.Queue[str | None]) -> None:
-    for line in stream:
-        lines.append(line)
-        if "Uvicorn running on" in line:
-            announced.put(line)
-    announced.put(None)  # the process closed its output: it has exited
-
-
-@contextmanager
-def run_server(model_dir: Path = DEFAULT_MODEL_DIR, **env: object) -> Iterator[ServerProcess]:
-    """`vit-serve` in a subprocess on 127.0.0.1 and a free port, with VIT_* settings from env."""
-    environment = {**os.environ, **{f"VIT_{k.upper()}": str(v) for k, v in env.items()}}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=environment,
-        cwd=REPO,
-    )
-    lines: list[str] = []
-    announced: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=_pump, args=(process.stdout, lines, announced), daemon=True)
-    reader.start()
-    try:
-        try:
-            line = announced.get(timeout=STARTUP_TIMEOUT_S)
-        except queue.Empty:
-            raise RuntimeError("server did not start in time:\n" + "".join(lines)) from None
-        if line is None:
-            raise RuntimeError(f"server exited with {process.wait()}:\n" + "".join(lines))
-        port = re.search(r"http://127\.0\.0\.1:(\d+)", line).group(1)  # type: ignore[union-attr]
-        yield ServerProcess(process, f"http://127.0.0.1:{port}", lines)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        reader.join(timeout=10)
-        process.stdout.close()  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="session")

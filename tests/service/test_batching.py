@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import metric, run_server
+from bench.server import run_server
+from tests.conftest import metric
 
 
 def _classify(client, data: bytes, count: int = 1, **headers):

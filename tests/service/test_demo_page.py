@@ -36,7 +36,7 @@ def test_uploading_a_fashion_mnist_image_shows_its_label_and_heat_map(server, br
     assert page.locator("#predictions li").count() == 5
     heatmap = page.locator("#heatmap")
     assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
-    page.wait_for_function("document.getElementById('heatmap').naturalWidth === 224")
+    page.wait_for_function("document.getElementById('heatmap').naturalWidth === 28")  # the model's 28x28 view
     page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     page.close()

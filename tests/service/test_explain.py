@@ -24,7 +24,7 @@ def test_explain_returns_normalised_grids_and_a_heatmap(client, samples):
         assert grid.shape == (7, 7)  # 28 px / 4 px patches
         assert (grid >= 0).all() and abs(grid.sum() - 1.0) < 1e-4
     heatmap = Image.open(io.BytesIO(base64.b64decode(attention["heatmap_png"])))
-    assert heatmap.format == "PNG" and heatmap.size == (224, 224) and heatmap.mode == "RGB"
+    assert heatmap.format == "PNG" and heatmap.size == (28, 28) and heatmap.mode == "RGB"  # the model's view
 
 
 def test_explain_gives_the_same_predictions_and_plain_requests_carry_no_maps(client, samples):

@@ -7,7 +7,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.conftest import REPO, metric, run_server
+from bench.server import run_server
+from tests.conftest import REPO, metric
 
 
 def test_probes_report_alive_started_and_ready(client):

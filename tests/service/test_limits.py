@@ -5,7 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from tests.conftest import encode, run_server
+from bench.server import run_server
+from tests.conftest import encode
 
 LIMITS = {"max_body_bytes": 300_000, "max_image_pixels": 1_000_000, "max_images_per_request": 4, "max_queue_images": 8}
 
