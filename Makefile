@@ -8,7 +8,7 @@ PORT ?= 8000
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test lint dataset train-default export-default
+.PHONY: serve test lint system-deps train-default export-default
 
 $(BIN)/vit-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,12 @@ $(VENV)/.test-deps: pyproject.toml $(BIN)/vit-serve
 	$(BIN)/pip install --quiet -e '.[cpu,export,test]'
 	touch $@
 
-dataset:
-	@test -d $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+# Debian packages the tests use: the labelled images, and a browser for the demo page.
+system-deps:
+	@test -d $(FASHION_MNIST) && command -v chromium >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium; }
 
-test: $(VENV)/.test-deps dataset
+test: $(VENV)/.test-deps system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -39,7 +41,7 @@ lint: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 
 # Run by hand, not in CI: retrain the embedded model (about 50 minutes on 2 cores), then export it.
-train-default: $(VENV)/.test-deps dataset
+train-default: $(VENV)/.test-deps system-deps
 	$(BIN)/python -m model_export.train_fashion_mnist --out model_export/default_model
 
 export-default: $(VENV)/.test-deps
