@@ -14,6 +14,7 @@ import uvicorn
 
 from service.app import create_app
 from service.lifecycle import Lifecycle
+from service.logs import configure_logging
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -69,15 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings(**({"model_dir": args.model} if args.model else {}))
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=settings.log_level,
+        log_config=None,  # keep our handlers: uvicorn's own would replace them
         proxy_headers=True,
         forwarded_allow_ips=args.proxy_ips,
         timeout_graceful_shutdown=int(settings.drain_grace_s) + 1,

@@ -26,9 +26,19 @@ class ServiceError(Exception):
             body["part"] = self.part
         return body
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
 
 class BadRequest(ServiceError):
     status, error_type = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status, error_type = 401, "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class NoImage(ServiceError):
@@ -92,8 +102,7 @@ class StartupError(RuntimeError):
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -55,12 +55,26 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(25.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     root_path: str = Field("", description="path prefix the app is served under behind a gateway")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for collectors")
+
+    # Access
+    api_keys: str = Field("", repr=False, description="comma-separated keys; when set, inference needs one")
+    metrics_require_key: bool = Field(False, description="guard /metrics with the API keys too")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
 
     @model_validator(mode="after")
     def _sizes(self) -> Settings:
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError("max_queue_images must hold at least one full request (max_images_per_request)")
         return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def resolved_session_workers(self, on_cuda: bool) -> int:
         if self.session_workers:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
+from service.access import require_api_key
 from service.classifier import Classifier
 from service.errors import BadRequest, InvalidParameter
 from service.lifecycle import Lifecycle
@@ -15,7 +16,7 @@ from service.schemas import ERROR_RESPONSES, AttentionOut, ClassifyResponse, Ima
 from service.settings import Settings
 from service.uploads import read_uploads
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 REQUEST_BODY = {

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.access import require_api_key
 from service.classifier import Classifier
 from service.errors import BadRequest, ModelNotFound, TooManyImages
 from service.lifecycle import Lifecycle
@@ -67,6 +68,7 @@ async def model_ready(
 
 @router.post(
     "/models/{name}/infer",
+    dependencies=[Depends(require_api_key)],
     summary="Inference: encoded images (BYTES) or preprocessed tensors (FP32)",
     openapi_extra={
         "requestBody": {

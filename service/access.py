@@ -1,0 +1,35 @@
+"""Optional API keys for inference routes: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from service.errors import Unauthorized
+
+
+def presented_key(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials:
+        return credentials.strip()
+    return request.headers.get("x-api-key")
+
+
+def key_is_valid(presented: str, keys: list[str]) -> bool:
+    # Compare against every key, without stopping early: the time taken tells nothing about
+    # which key, or how much of one, matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented.encode(), key.encode())
+    return matched
+
+
+def require_api_key(request: Request) -> None:
+    """FastAPI dependency: a no-op unless VIT_API_KEYS is set. Keys are never logged."""
+    keys = request.app.state.settings.api_key_list
+    if not keys:
+        return
+    presented = presented_key(request)
+    if presented is None or not key_is_valid(presented, keys):
+        raise Unauthorized("a valid API key is required: Authorization: Bearer <key>, or X-API-Key: <key>")
