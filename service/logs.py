@@ -44,3 +44,5 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Library warnings (Pillow on odd files, for one) become log records with the request ID.
+    logging.captureWarnings(True)

@@ -8,7 +8,6 @@ buffer in CHW order when a batch is formed.
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -85,10 +84,9 @@ class ImagePreprocessor:
         if sniffed is None:
             raise UnsupportedImageFormat(f"not a supported image format (supported: {SUPPORTED_FORMATS})")
         try:
-            with warnings.catch_warnings():
-                # Pillow warns before it errors on huge images; our own limit below decides.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                return Image.open(io.BytesIO(data), formats=tuple(SIGNATURES))
+            # Pillow warns about odd but readable files (and very large ones, which our own
+            # limit decides on next); vit-serve sends warnings to the log, they fail nothing.
+            return Image.open(io.BytesIO(data), formats=tuple(SIGNATURES))
         except Image.DecompressionBombError as exc:
             raise ImageTooLarge(f"image dimensions exceed the decoder's safety limit: {exc}") from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -84,6 +84,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "no image, empty body, malformed multipart/JSON/base64",
+        401: "API keys are configured and none valid was given",
         413: "body, image pixels or image count over the limit",
         415: "unsupported Content-Type or image format",
         422: "corrupt or truncated image; invalid parameter",
@@ -91,4 +92,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         503: "not ready, or draining",
         504: "the request's deadline passed",
     }.items()
+}
+
+MODEL_NOT_FOUND: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorResponse, "description": "no model of that name is served here"}
+}
+NOT_READY: dict[int | str, dict[str, object]] = {
+    503: {"model": ErrorResponse, "description": "the model is not loaded yet, or the server is draining"}
 }

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 
 from service.classifier import Classifier
 from service.routes.dependencies import get_classifier
-from service.schemas import BatchingOut, InputSize, ModelInfo, ModelList
+from service.schemas import NOT_READY, BatchingOut, InputSize, ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])
 
@@ -37,6 +37,6 @@ def model_info(classifier: Classifier) -> ModelInfo:
     )
 
 
-@router.get("/v1/models", response_model=ModelList, summary="The served model")
+@router.get("/v1/models", response_model=ModelList, summary="The served model", responses=NOT_READY)  # type: ignore[arg-type]
 async def list_models(classifier: Annotated[Classifier, Depends(get_classifier)]) -> ModelList:
     return ModelList(models=[model_info(classifier)])

@@ -21,6 +21,7 @@ from service.oip import (
     parse_infer_request,
 )
 from service.routes.dependencies import get_classifier, get_lifecycle, get_settings
+from service.schemas import ERROR_RESPONSES, MODEL_NOT_FOUND, NOT_READY
 from service.settings import Settings
 from service.uploads import Upload, read_body
 
@@ -39,7 +40,7 @@ async def server_metadata(request: Request) -> dict[str, object]:
     return {"name": SERVER_NAME, "version": request.app.version, "extensions": ["binary_tensor_data", "classification"]}
 
 
-@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}", summary="Model metadata", responses={**MODEL_NOT_FOUND, **NOT_READY})  # type: ignore[dict-item]
 async def model_metadata(name: str, classifier: Annotated[Classifier, Depends(get_classifier)]) -> dict[str, object]:
     model = _model(name, classifier)
     channels, height, width = model.preprocessor.input_shape
@@ -55,7 +56,11 @@ async def model_metadata(name: str, classifier: Annotated[Classifier, Depends(ge
     }
 
 
-@router.get("/models/{name}/ready", summary="Model readiness (200 ready, 503 not)")
+@router.get(
+    "/models/{name}/ready",
+    summary="Model readiness (200 ready, 503 not)",
+    responses={**MODEL_NOT_FOUND, 503: {"description": "not ready"}},  # type: ignore[dict-item]
+)
 async def model_ready(
     name: str, request: Request, lifecycle: Annotated[Lifecycle, Depends(get_lifecycle)]
 ) -> JSONResponse:
@@ -69,6 +74,7 @@ async def model_ready(
 @router.post(
     "/models/{name}/infer",
     dependencies=[Depends(require_api_key)],
+    responses={**ERROR_RESPONSES, **MODEL_NOT_FOUND},  # type: ignore[dict-item]
     summary="Inference: encoded images (BYTES) or preprocessed tensors (FP32)",
     openapi_extra={
         "requestBody": {

@@ -1,0 +1,90 @@
+"""Malformed and slow HTTP on raw sockets: the server answers what it can and keeps serving others."""
+
+import socket
+import time
+
+import pytest
+
+from bench.server import run_server
+from tests.conftest import metric
+
+
+def _port(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def target():
+    with run_server() as server:
+        yield server
+        assert server.stop() == 0
+
+
+def _healthy_quickly(server, samples) -> float:
+    with server.client() as client:
+        started = time.perf_counter()
+        response = client.post("/classify", files={"file": ("x.png", samples[0].encoded(), "image/png")})
+        assert response.status_code == 200
+        return time.perf_counter() - started
+
+
+STALLED_UPLOAD = (
+    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n\x89PN"
+)
+
+
+def test_slow_and_stalled_clients_do_not_block_others(target, samples):
+    sockets = []
+    try:
+        for i in range(40):  # half-sent headers, half-sent bodies: connections that just sit there
+            raw = socket.create_connection(("127.0.0.1", _port(target)))
+            if i % 2:
+                raw.sendall(STALLED_UPLOAD)
+            else:
+                raw.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            sockets.append(raw)
+        assert _healthy_quickly(target, samples) < 2.0
+    finally:
+        for raw in sockets:
+            raw.close()
+    # Stalled uploads that were abandoned leave nothing in flight behind them.
+    with target.client() as client:
+        deadline = time.monotonic() + 10
+        while metric(client, "vit_requests_in_flight") != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_a_body_that_stops_early_is_dropped_cleanly(target, samples):
+    data = samples[1].encoded()
+    with socket.create_connection(("127.0.0.1", _port(target))) as raw:
+        head = (
+            f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(data) * 2}\r\n\r\n"
+        )
+        raw.sendall(head.encode() + data)
+        raw.shutdown(socket.SHUT_WR)  # the client gives up half-way through its own body
+        reply = raw.recv(65536)
+    assert reply == b"" or b" 400 " in reply.split(b"\r\n", 1)[0]
+    assert _healthy_quickly(target, samples) < 2.0
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # a TLS hello on a plain port
+        b"NOT A REQUEST\r\n\r\n",
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_garbage_on_the_wire_gets_a_4xx_or_a_close(target, samples, garbage):
+    with socket.create_connection(("127.0.0.1", _port(target))) as raw:
+        raw.settimeout(10)
+        raw.sendall(garbage)
+        try:
+            reply = raw.recv(65536)
+        except ConnectionResetError:
+            reply = b""
+    status_line = reply.split(b"\r\n", 1)[0]
+    assert reply == b"" or status_line.split(b" ")[1].startswith(b"4"), status_line
+    assert _healthy_quickly(target, samples) < 2.0
