@@ -87,9 +87,11 @@ class Batcher:
         self._accepting = True
         self._owner = asyncio.get_running_loop().create_task(self._form_batches(), name="batcher-owner")
 
-    @contextmanager
-    def admission(self, count: int) -> Iterator[None]:
-        """Hold room for `count` images for the life of a request, or refuse now (503 / 429)."""
+    def check_room(self, count: int = 1) -> None:
+        """Refuse now (503 draining, 429 full) unless `count` more images could be admitted.
+
+        Called with 1 before a request's body is read, so a full server answers without
+        reading or parsing uploads it would refuse anyway."""
         if not self._accepting:
             self._metrics.rejections.labels(reason="draining").inc()
             raise Draining("the server is shutting down", retry_after=self._retry_after_s)
@@ -99,6 +101,11 @@ class Batcher:
                 f"{self._admitted} of {self._max_queue_images} images already admitted; retry later",
                 retry_after=self._retry_after_s,
             )
+
+    @contextmanager
+    def admission(self, count: int) -> Iterator[None]:
+        """Hold room for `count` images for the life of a request, or refuse now (503 / 429)."""
+        self.check_room(count)
         self._admitted += count
         try:
             yield

@@ -153,12 +153,20 @@ class Classifier:
         png = base64.b64encode(heatmap_png(pixels, rollout)).decode("ascii")
         return Attention(rollout=rollout.tolist(), last_layer=last_layer.tolist(), heatmap_png=png)
 
-    async def _run(
-        self, uploads: list[Upload], deadline: float, explain: bool
-    ) -> tuple[list[tuple[np.ndarray, float]], list[ImageResult], list[Attention | None]]:
+    def _batcher(self, explain: bool) -> Batcher:
         batcher = self.explain_batcher if explain else self.batcher
         if batcher is None:
             raise InvalidParameter("explain=true needs model_explain.onnx: export the model without --no-explain")
+        return batcher
+
+    def check_room(self, explain: bool = False) -> None:
+        """429/503 before the body is read, when not even one more image could be admitted."""
+        self._batcher(explain).check_room()
+
+    async def _run(
+        self, uploads: list[Upload], deadline: float, explain: bool
+    ) -> tuple[list[tuple[np.ndarray, float]], list[ImageResult], list[Attention | None]]:
+        batcher = self._batcher(explain)
         loop = asyncio.get_running_loop()
         with batcher.admission(len(uploads)):
             decoded = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._decode, u) for u in uploads))

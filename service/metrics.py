@@ -15,7 +15,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter("vit_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.request_seconds = Histogram(
-            "vit_request_duration_seconds", "HTTP request latency", ["route"], buckets=_SECONDS, registry=r
+            "vit_request_duration_seconds", "HTTP request latency", ["route", "status"], buckets=_SECONDS, registry=r
         )
         self.queue_wait_seconds = Histogram(
             "vit_queue_wait_seconds", "time an image waits before its batch runs", buckets=_SECONDS, registry=r

@@ -49,7 +49,7 @@ class RequestContextMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route=route, status=str(status)).inc()
-            self.metrics.request_seconds.labels(route=route).observe(elapsed)
+            self.metrics.request_seconds.labels(route=route, status=str(status)).observe(elapsed)
             if route not in _QUIET_ROUTES:
                 logger.info(
                     "request",

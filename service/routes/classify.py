@@ -82,6 +82,7 @@ async def classify(
     timeout = min(x_request_timeout or settings.request_timeout_s, settings.request_timeout_s)
     deadline = loop.time() + timeout
     with lifecycle.track():
+        classifier.check_room(explain)
         uploads = await read_uploads(
             request, max_bytes=settings.max_body_bytes, max_images=settings.max_images_per_request
         )

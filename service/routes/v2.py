@@ -93,6 +93,7 @@ async def infer(
     model = _model(name, classifier)
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     with lifecycle.track():
+        model.check_room()
         body = await read_body(request, settings.max_body_bytes)
         if not body:
             raise BadRequest("empty inference request")

@@ -1,0 +1,96 @@
+"""Ten times the admitted capacity for 20 s on loopback: fast 429s, no broken deadlines, flat memory."""
+
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from bench.server import run_server
+
+QUEUE_IMAGES = 4
+CLIENTS = 10 * QUEUE_IMAGES
+DURATION_S = 20.0
+TIMEOUT_S = 5.0
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _refusal_histogram(text: str) -> dict[float, float]:
+    """Cumulative counts of /classify 429 responses by the server's own latency bucket (seconds)."""
+    buckets = {}
+    for line in text.splitlines():
+        if (
+            line.startswith("vit_request_duration_seconds_bucket{")
+            and 'route="/classify"' in line
+            and 'status="429"' in line
+        ):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def test_ten_times_capacity_is_refused_fast_and_memory_stays_flat(photo_1024):
+    outcomes: list[tuple[int, float]] = []
+    lock = threading.Lock()
+    with run_server(
+        max_queue_images=QUEUE_IMAGES, max_images_per_request=QUEUE_IMAGES, request_timeout_s=TIMEOUT_S
+    ) as server:
+        stop_at = time.monotonic() + DURATION_S
+        files = {"file": ("photo.jpg", photo_1024, "image/jpeg")}
+
+        def client_loop() -> None:
+            with server.client() as client:
+                while time.monotonic() < stop_at:
+                    started = time.perf_counter()
+                    status = client.post("/classify", files=files).status_code
+                    with lock:
+                        outcomes.append((status, time.perf_counter() - started))
+
+        rss: list[float] = []
+        threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            rss.append(_rss_mb(server.process.pid))
+            time.sleep(0.5)  # a sampling interval, not synchronisation
+        for thread in threads:
+            thread.join()
+
+        with server.client() as client:
+            started = time.perf_counter()
+            assert client.post("/classify", files=files).status_code == 200
+            after_ms = (time.perf_counter() - started) * 1000
+            server_side = _refusal_histogram(client.get("/metrics").text)
+        assert server.stop() == 0
+
+    statuses = [status for status, _ in outcomes]
+    refused = sorted(latency * 1000 for status, latency in outcomes if status == 429)
+    accepted = [latency for status, latency in outcomes if status == 200]
+    quarter = len(rss) // 4
+    growth = max(rss[quarter:]) - statistics.mean(rss[quarter : 2 * quarter])
+    p50 = refused[len(refused) // 2]
+    p95 = refused[int(len(refused) * 0.95)]  # as the clients saw it, their own queueing included
+    total = server_side[float("inf")]
+    shares = {bound: server_side[bound] / total for bound in (0.025, 0.05, 0.1)}
+    print(
+        f"{len(outcomes)} requests: {len(accepted)} accepted, {len(refused)} refused with 429; server-side 429s "
+        + ", ".join(f"{share:.1%} within {bound * 1000:.0f} ms" for bound, share in shares.items())
+        + "; "
+        f"client-side (load generator included) p50 {p50:.1f} ms, p95 {p95:.1f} ms; "
+        f"slowest accepted {max(accepted):.2f} s; RSS {rss[quarter]:.0f} -> {rss[-1]:.0f} MB; "
+        f"first request after: {after_ms:.1f} ms"
+    )
+    assert set(statuses) <= {200, 429}, set(statuses)  # no 5xx, no 504: deadlines held
+    assert len(refused) > len(accepted) > 0
+    assert total == len(refused)
+    # Closed-loop clients keep about CLIENTS requests waiting their turn on the event loop, so a
+    # refusal's latency is that queue's (concurrency / throughput), not the refusal's own work;
+    # on 2 cores shared with this load generator, 98.9-99.6% came within 100 ms.
+    assert shares[0.1] >= 0.95, shares
+    assert max(accepted) < TIMEOUT_S
+    assert growth < 25, rss  # MB beyond the warmed-up level: flat, not a leak
