@@ -1,23 +1,15 @@
 """Ten times the admitted capacity for 20 s on loopback: fast 429s, no broken deadlines, flat memory."""
 
 import statistics
-import threading
 import time
-from pathlib import Path
 
+from bench.load import closed_loop, rss_mb
 from bench.server import run_server
 
 QUEUE_IMAGES = 4
 CLIENTS = 10 * QUEUE_IMAGES
 DURATION_S = 20.0
 TIMEOUT_S = 5.0
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def _refusal_histogram(text: str) -> dict[float, float]:
@@ -35,31 +27,18 @@ def _refusal_histogram(text: str) -> dict[float, float]:
 
 
 def test_ten_times_capacity_is_refused_fast_and_memory_stays_flat(photo_1024):
-    outcomes: list[tuple[int, float]] = []
-    lock = threading.Lock()
     with run_server(
         max_queue_images=QUEUE_IMAGES, max_images_per_request=QUEUE_IMAGES, request_timeout_s=TIMEOUT_S
     ) as server:
-        stop_at = time.monotonic() + DURATION_S
         files = {"file": ("photo.jpg", photo_1024, "image/jpeg")}
-
-        def client_loop() -> None:
-            with server.client() as client:
-                while time.monotonic() < stop_at:
-                    started = time.perf_counter()
-                    status = client.post("/classify", files=files).status_code
-                    with lock:
-                        outcomes.append((status, time.perf_counter() - started))
-
         rss: list[float] = []
-        threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
-        for thread in threads:
-            thread.start()
-        while any(thread.is_alive() for thread in threads):
-            rss.append(_rss_mb(server.process.pid))
-            time.sleep(0.5)  # a sampling interval, not synchronisation
-        for thread in threads:
-            thread.join()
+        outcomes = closed_loop(
+            server.url,
+            lambda client: client.post("/classify", files=files),
+            clients=CLIENTS,
+            duration_s=DURATION_S,
+            on_tick=lambda: rss.append(rss_mb(server.process.pid)),
+        )
 
         with server.client() as client:
             started = time.perf_counter()
@@ -68,9 +47,9 @@ def test_ten_times_capacity_is_refused_fast_and_memory_stays_flat(photo_1024):
             server_side = _refusal_histogram(client.get("/metrics").text)
         assert server.stop() == 0
 
-    statuses = [status for status, _ in outcomes]
-    refused = sorted(latency * 1000 for status, latency in outcomes if status == 429)
-    accepted = [latency for status, latency in outcomes if status == 200]
+    statuses = [o.status for o in outcomes]
+    refused = sorted(o.latency_s * 1000 for o in outcomes if o.status == 429)
+    accepted = [o.latency_s for o in outcomes if o.status == 200]
     quarter = len(rss) // 4
     growth = max(rss[quarter:]) - statistics.mean(rss[quarter : 2 * quarter])
     p50 = refused[len(refused) // 2]
