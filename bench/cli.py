@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 from bench.explain_cost import measure
+from bench.plot import plot_result
+from bench.preprocess_speed import measure as measure_preprocessing
 from bench.soak import soak
+from bench.throughput import BenchResult, run_bench
+from model_export.manifest import Manifest
 from service.settings import DEFAULT_MODEL_DIR
 
 
@@ -24,6 +30,64 @@ def _sample_images() -> list[bytes]:
         Image.fromarray(photo).resize((1024, 768), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
         images.append(buffer.getvalue())
     return images
+
+
+def _photo_at(side: int) -> bytes:
+    """A real photo (scikit-image's astronaut) as a JPEG whose shorter side is `side`."""
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def print_result(result: BenchResult) -> None:
+    print(f"model {result.model}, upload {result.image_bytes} bytes (JPEG)")
+    print("limit: raw onnxruntime, no HTTP (sessions x threads, batch -> images/s)")
+    for layout in result.limit:
+        print(f"  {layout.sessions} x {layout.threads}, batch {layout.batch:2d}: {layout.images_per_s:8.1f}")
+    print(f"{'system':9} {'conc':>4} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} {'errors':>6}")
+    for r in result.http:
+        batch = f"{r.mean_batch:6.2f}" if r.mean_batch is not None else f"{'-':>6}"
+        print(
+            f"{r.system:9} {r.concurrency:4d} {r.images_per_s:8.1f} {r.p50_ms:8.2f} {r.p95_ms:8.2f} "
+            f"{r.p99_ms:8.2f} {batch} {r.errors:6d}"
+        )
+    ratios = result.ratios()
+    print(f"service / limit:    {ratios['service_over_limit']:.2f}x")
+    print(f"service / baseline: {ratios['service_over_baseline']:.2f}x")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    manifest = Manifest.read(args.model)
+    image = _photo_at(args.upload_side or manifest.preprocessing.resize_size)
+    levels = [int(level) for level in args.concurrency.split(",")]
+    result = run_bench(args.model, image, levels, args.seconds)
+    print_result(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{result.model}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    plot_result(result, args.out / f"{result.model}.png")
+    print(f"wrote {args.out / (result.model + '.json')} and {result.model}.png")
+    return 0
+
+
+def preprocess_command(args: argparse.Namespace) -> int:
+    """One core, as the preprocessing pool's threads each use one."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut())
+    print("bytes -> normalised (3, 224, 224) tensor for ViT-B/16, one core, best of 10")
+    print(f"{'upload':22} {'service ms':>10} {'full decode ms':>15} {'normalise: into buffer':>23} {'naive':>8}")
+    for label, size in (("12 MP JPEG (4032x3024)", (4032, 3024)), ("1024x768 JPEG", (1024, 768))):
+        buffer = io.BytesIO()
+        photo.resize(size, Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
+        t = measure_preprocessing(label, buffer.getvalue())
+        print(
+            f"{t.label:22} {t.service_ms:10.2f} {t.full_decode_ms:15.2f} "
+            f"{t.normalise_into_ms:20.3f} ms {t.normalise_naive_ms:5.3f} ms"
+        )
+    return 0
 
 
 def explain_cost(args: argparse.Namespace) -> int:
@@ -50,6 +114,15 @@ def soak_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vit-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="the limit, the service and the baseline, side by side")
+    run.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder")
+    run.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    run.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
+    run.add_argument("--upload-side", type=int, help="side of the uploaded JPEG (default: the model's resize size)")
+    run.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and PNG")
+    run.set_defaults(run=run_command)
+    prep = commands.add_parser("preprocess", help="decode, resize and normalise timings on one core")
+    prep.set_defaults(run=preprocess_command)
     cost = commands.add_parser("explain-cost", help="latency of explain=true vs plain requests")
     cost.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder")
     cost.add_argument("--requests", type=int, default=100, help="requests of each kind")

@@ -52,13 +52,20 @@ def _pump(stream: io.TextIOBase, lines: list[str], announced: queue.Queue[str | 
 @contextmanager
 def run_server(model_dir: Path = DEFAULT_MODEL_DIR, **env: object) -> Iterator[ServerProcess]:
     """`vit-serve` on 127.0.0.1 and a free port, with VIT_* settings from env; killed on exit if still running."""
-    environment = {**os.environ, **{f"VIT_{k.upper()}": str(v) for k, v in env.items()}}
+    command = ["-m", "service.cli", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0"]
+    with run_uvicorn_process(command, {f"VIT_{k.upper()}": str(v) for k, v in env.items()}) as server:
+        yield server
+
+
+@contextmanager
+def run_uvicorn_process(python_args: list[str], env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """`python <python_args>` serving with uvicorn on 127.0.0.1:0; the port is read from uvicorn's own log line."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, *python_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=environment,
+        env={**os.environ, **(env or {})},
     )
     lines: list[str] = []
     announced: queue.Queue[str | None] = queue.Queue()

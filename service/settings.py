@@ -40,7 +40,9 @@ class Settings(BaseSettings):
 
     # Batching and admission
     max_batch_size: int = Field(8, ge=1, description="most images in one forward pass")
-    max_wait_ms: float = Field(2.0, ge=0, description="how long the first image waits for others to join")
+    # 0 on CPU: batches still form whenever every session is busy, and an idle session should
+    # not wait for company. On a GPU, where batch size pays, a few ms is worth waiting.
+    max_wait_ms: float = Field(0.0, ge=0, description="how long the first image waits for others to join")
     max_queue_images: int = Field(256, ge=1, description="images admitted but not yet run; beyond it: 429")
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline per request; beyond it: 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429 and 503")
