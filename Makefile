@@ -26,10 +26,10 @@ $(VENV)/.test-deps: pyproject.toml $(BIN)/vit-serve
 	$(BIN)/pip install --quiet -e '.[cpu,export,test]'
 	touch $@
 
-# Debian packages the tests use: the labelled images, and a browser for the demo page.
+# Debian packages the tests use: the labelled images, a browser for the demo page, a gateway.
 system-deps:
-	@test -d $(FASHION_MNIST) && command -v chromium >/dev/null || \
-		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium; }
+	@test -d $(FASHION_MNIST) && command -v chromium >/dev/null && command -v nginx >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium nginx; }
 
 test: $(VENV)/.test-deps system-deps
 	$(BIN)/ruff check .

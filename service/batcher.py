@@ -72,16 +72,8 @@ class Batcher:
         self._admitted = 0  # images of requests between admission and their answer
 
     @property
-    def queued_images(self) -> int:
-        return len(self._queue)
-
-    @property
     def admitted_images(self) -> int:
         return self._admitted
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._queue or self._running)
 
     def start(self) -> None:
         self._accepting = True

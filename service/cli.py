@@ -63,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, help="model folder (default: VIT_MODEL_DIR, else the embedded model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--proxy-ips", default="127.0.0.1", help="addresses whose X-Forwarded-* headers are trusted")
     return parser
 
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         log_config=None,  # keep our handlers: uvicorn's own would replace them
         proxy_headers=True,
-        forwarded_allow_ips=args.proxy_ips,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=int(settings.drain_grace_s) + 1,
         access_log=False,
     )

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # Lifecycle and HTTP
     drain_grace_s: float = Field(25.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     root_path: str = Field("", description="path prefix the app is served under behind a gateway")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="comma-separated proxy addresses whose X-Forwarded-* headers are trusted; * for any"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for collectors")
 
