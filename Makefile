@@ -12,7 +12,6 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 $(BIN)/vit-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[cpu]'
 	touch $@
 
