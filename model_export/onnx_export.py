@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +134,21 @@ def verify_onnx(
 
 
 def write_artifact(
-    model: VisionTransformer, out_dir: Path, manifest: Manifest, opset: int = DEFAULT_OPSET, explain: bool = True
+    model: VisionTransformer,
+    out_dir: Path,
+    manifest: Manifest,
+    opset: int = DEFAULT_OPSET,
+    explain: bool = True,
+    int8: bool = False,
+    gate: str | None = None,
 ) -> Manifest:
     """Export, verify and write `model.onnx` (and, with explain, `model_explain.onnx`) plus
-    `manifest.json` into out_dir; returns the final manifest."""
+    `manifest.json` into out_dir; returns the final manifest.
+
+    With int8, each graph is verified in fp32 first, then quantized; the int8 graph's distance
+    from PyTorch is recorded, and with gate="fashion-mnist" its accuracy must pass the gate."""
+    from model_export.quantize import fashion_mnist_gate, quantize_in_place
+
     graphs = {manifest.onnx_file: False, **({EXPLAIN_ONNX_FILE: True} if explain else {})}
     verification: dict[str, object] = {
         "onnx_checker": "passed",
@@ -146,8 +159,30 @@ def write_artifact(
         export_onnx(model, out_dir / filename, manifest, opset, explain=with_maps)
         checks = verify_onnx(model, out_dir / filename, explain=with_maps)
         verification["explain_batches" if with_maps else "batches"] = [check.__dict__ for check in checks]
+    if int8:
+        fp32_copy = out_dir / "model.fp32.onnx"
+        shutil.copyfile(out_dir / manifest.onnx_file, fp32_copy)
+        try:
+            for filename in graphs:
+                quantize_in_place(out_dir / filename)
+            # Not held to the fp32 tolerance: recorded, and judged by the gate.
+            verification["int8_batches"] = [
+                c.__dict__ for c in verify_onnx(model, out_dir / manifest.onnx_file, tolerance=math.inf)
+            ]
+            if gate == "fashion-mnist":
+                verification["int8_gate"] = figures = fashion_mnist_gate(
+                    fp32_copy, out_dir / manifest.onnx_file, manifest
+                )
+                if not figures["passed"]:
+                    raise ExportError(f"int8 variant failed its accuracy gate: {figures}")
+        finally:
+            fp32_copy.unlink()
     final = manifest.model_copy(
-        update={"verification": verification, "explain_onnx_file": EXPLAIN_ONNX_FILE if explain else None}
+        update={
+            "verification": verification,
+            "explain_onnx_file": EXPLAIN_ONNX_FILE if explain else None,
+            "variant": "int8" if int8 else "fp32",
+        }
     )
     # Re-embed so each graph's copy carries the verification figures too, then hash the final bytes.
     for filename in graphs:

@@ -68,7 +68,8 @@ class ModelInfo(BaseModel):
     input_size: InputSize
     preprocessing: Preprocessing
     pooling: str
-    variant: str
+    variant: str = Field(description="fp32, or int8 (dynamically quantized)")
+    variant_gate: dict[str, object] | None = Field(None, description="the int8 variant's measured accuracy gate")
     provider: str = Field(description="the execution provider the session reports, not the one asked for")
     requested_providers: list[str]
     batching: BatchingOut
