@@ -25,6 +25,7 @@ from model_export.manifest import (
     MANIFEST_METADATA_KEY,
     Manifest,
 )
+from model_export.quantize import fashion_mnist_gate, quantize_in_place
 from model_export.vit import VisionTransformer, class_token_attention
 
 DEFAULT_OPSET = 17
@@ -65,10 +66,8 @@ def output_names(explain: bool) -> list[str]:
     return EXPLAIN_OUTPUT_NAMES if explain else [LOGITS_NAME]
 
 
-def export_onnx(
-    model: VisionTransformer, onnx_path: Path, manifest: Manifest, opset: int = DEFAULT_OPSET, explain: bool = False
-) -> None:
-    """Trace to `onnx_path` with a dynamic batch axis and the manifest in the graph's metadata."""
+def export_onnx(model: VisionTransformer, onnx_path: Path, opset: int = DEFAULT_OPSET, explain: bool = False) -> None:
+    """Trace to `onnx_path` with a dynamic batch axis (the manifest is embedded by write_artifact)."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
     cfg = model.cfg
@@ -91,7 +90,6 @@ def export_onnx(
             do_constant_folding=True,
             dynamo=False,
         )
-    _embed_manifest(onnx_path, manifest)
 
 
 def _embed_manifest(onnx_path: Path, manifest: Manifest) -> None:
@@ -147,8 +145,6 @@ def write_artifact(
 
     With int8, each graph is verified in fp32 first, then quantized; the int8 graph's distance
     from PyTorch is recorded, and with gate="fashion-mnist" its accuracy must pass the gate."""
-    from model_export.quantize import fashion_mnist_gate, quantize_in_place
-
     graphs = {manifest.onnx_file: False, **({EXPLAIN_ONNX_FILE: True} if explain else {})}
     verification: dict[str, object] = {
         "onnx_checker": "passed",
@@ -156,7 +152,7 @@ def write_artifact(
         "tolerance": FP32_TOLERANCE,
     }
     for filename, with_maps in graphs.items():
-        export_onnx(model, out_dir / filename, manifest, opset, explain=with_maps)
+        export_onnx(model, out_dir / filename, opset, explain=with_maps)
         checks = verify_onnx(model, out_dir / filename, explain=with_maps)
         verification["explain_batches" if with_maps else "batches"] = [check.__dict__ for check in checks]
     if int8:
@@ -184,7 +180,7 @@ def write_artifact(
             "variant": "int8" if int8 else "fp32",
         }
     )
-    # Re-embed so each graph's copy carries the verification figures too, then hash the final bytes.
+    # Embedded once, when the verification figures are known; then hash the final bytes.
     for filename in graphs:
         _embed_manifest(out_dir / filename, final)
     final = final.model_copy(

@@ -89,7 +89,7 @@ def test_avg_pooling_exports_and_verifies_too(tmp_path):
 
 def test_verification_catches_a_graph_that_differs_from_the_model(tmp_path):
     model = _model()
-    export_onnx(model, tmp_path / "model.onnx", _manifest(model))
+    export_onnx(model, tmp_path / "model.onnx")
     with torch.no_grad():
         model.head.bias += 1e-3  # the model moved on; the graph did not
     with pytest.raises(ExportError, match="differs from PyTorch"):
@@ -99,7 +99,7 @@ def test_verification_catches_a_graph_that_differs_from_the_model(tmp_path):
 def test_an_old_opset_is_refused(tmp_path):
     model = _model()
     with pytest.raises(ExportError, match="opset 13"):
-        export_onnx(model, tmp_path / "m.onnx", _manifest(model), opset=13)
+        export_onnx(model, tmp_path / "m.onnx", opset=13)
 
 
 def test_explain_graph_outputs_logits_and_two_normalised_maps(artifact):
