@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +41,7 @@ class Sample:
     label: str
 
     def encoded(self, fmt: str = "PNG", **options: object) -> bytes:
-        buffer = io.BytesIO()
-        Image.fromarray(self.pixels).save(buffer, fmt, **options)
-        return buffer.getvalue()
+        return encode(Image.fromarray(self.pixels), fmt, **options)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +60,25 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int, payload: bytes = b"\x00" * 64) -> bytes:
+    """A well-formed greyscale PNG that declares any size, with only `payload` (compressed) as data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(payload)) + chunk(b"IEND", b"")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll a condition the server exposes (its metrics) until it holds, or fail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,12 @@
 """Concurrency against a real server: batches form, overload is refused, deadlines and disconnects drop work."""
 
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from bench.server import run_server
-from tests.conftest import metric
+from tests.conftest import metric, wait_for
 
 
 def _classify(client, data: bytes, count: int = 1, **headers):
@@ -72,14 +71,6 @@ def test_deadline_passed_is_504_and_counted(photo_12mp):
         assert server.stop() == 0
 
 
-def _wait_for(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
 def test_a_client_that_disconnects_has_its_images_dropped(photo_12mp):
     with run_server(max_images_per_request=32, max_queue_images=64) as server, server.client() as client:
         boundary = "b0undary"
@@ -99,10 +90,10 @@ def test_a_client_that_disconnects_has_its_images_dropped(photo_12mp):
                 f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
             )
             raw.sendall(head.encode() + body)
-            _wait_for(lambda: metric(client, "vit_requests_in_flight") == 1)
+            wait_for(lambda: metric(client, "vit_requests_in_flight") == 1)
         # 16 twelve-megapixel decodes outlast the close: the request is cancelled, not run for nobody.
-        _wait_for(lambda: 'reason="client_disconnected"' in client.get("/metrics").text)
-        _wait_for(lambda: metric(client, "vit_requests_in_flight") == 0)
+        wait_for(lambda: 'reason="client_disconnected"' in client.get("/metrics").text)
+        wait_for(lambda: metric(client, "vit_requests_in_flight") == 0)
         assert metric(client, "vit_images_classified_total") == 0
         assert server.stop() == 0
 

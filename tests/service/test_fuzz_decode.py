@@ -4,10 +4,6 @@ Seeds are real files in every accepted format (including animated, 16-bit and pa
 hypothesis truncates, flips bits, splices and prefixes them with magic numbers.
 """
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +13,7 @@ from PIL import Image
 from model_export.manifest import Preprocessing
 from service.errors import ServiceError
 from service.preprocess import SIGNATURES, ImagePreprocessor
+from tests.conftest import encode, png_declaring
 
 PREPROCESSOR = ImagePreprocessor(
     Preprocessing(image_size=28, resize_size=28, interpolation="bilinear", mean=[0.286], std=[0.353], color_mode="L"),
@@ -24,27 +21,21 @@ PREPROCESSOR = ImagePreprocessor(
 )
 
 
-def _save(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
 def _seeds() -> list[bytes]:
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
     frames = [Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).convert("P") for _ in range(3)]
-    seeds = [_save(rgb, fmt) for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP")]
-    seeds.append(_save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0))
+    seeds = [encode(rgb, fmt) for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP")]
+    seeds.append(encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0))
     seeds.append(
-        _save(frames[0].convert("RGB"), "WEBP", save_all=True, append_images=[f.convert("RGB") for f in frames[1:]])
+        encode(frames[0].convert("RGB"), "WEBP", save_all=True, append_images=[f.convert("RGB") for f in frames[1:]])
     )
     seeds.append(
-        _save(frames[0].convert("L"), "TIFF", save_all=True, append_images=[f.convert("L") for f in frames[1:]])
+        encode(frames[0].convert("L"), "TIFF", save_all=True, append_images=[f.convert("L") for f in frames[1:]])
     )
-    seeds.append(_save(Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)), "PNG"))
-    seeds.append(_save(rgb.convert("P"), "PNG"))
-    seeds.append(_save(rgb.convert("CMYK"), "JPEG"))
+    seeds.append(encode(Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)), "PNG"))
+    seeds.append(encode(rgb.convert("P"), "PNG"))
+    seeds.append(encode(rgb.convert("CMYK"), "JPEG"))
     return seeds
 
 
@@ -58,14 +49,6 @@ def _decode_is_safe(data: bytes) -> None:
         assert 400 <= error.status < 500, (error.status, error.message)
     else:
         assert pixels.shape == (28, 28, 1) and pixels.dtype == np.uint8
-
-
-def _png(width: int, height: int, payload: bytes) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(payload)) + chunk(b"IEND", b"")
 
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,7 +86,7 @@ def test_random_bytes_behind_a_real_magic_number(magic, tail):
 @FUZZ
 @given(width=st.integers(0, 2**31 - 1), height=st.integers(0, 2**31 - 1), payload=st.binary(max_size=64))
 def test_any_declared_size_with_a_tiny_body(width, height, payload):
-    _decode_is_safe(_png(width, height, payload))
+    _decode_is_safe(png_declaring(width, height, payload))
 
 
 @pytest.mark.parametrize("index", range(len(SEEDS)))

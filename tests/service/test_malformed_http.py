@@ -6,7 +6,7 @@ import time
 import pytest
 
 from bench.server import run_server
-from tests.conftest import metric
+from tests.conftest import metric, wait_for
 
 
 def _port(server) -> int:
@@ -49,10 +49,7 @@ def test_slow_and_stalled_clients_do_not_block_others(target, samples):
             raw.close()
     # Stalled uploads that were abandoned leave nothing in flight behind them.
     with target.client() as client:
-        deadline = time.monotonic() + 10
-        while metric(client, "vit_requests_in_flight") != 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: metric(client, "vit_requests_in_flight") == 0, timeout=10)
 
 
 def test_a_body_that_stops_early_is_dropped_cleanly(target, samples):

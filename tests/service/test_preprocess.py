@@ -1,6 +1,4 @@
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ from PIL import Image
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
 from service.preprocess import ImagePreprocessor
-from tests.conftest import encode
+from tests.conftest import encode, png_declaring
 
 GREY = Preprocessing(image_size=28, resize_size=28, interpolation="bilinear", mean=[0.286], std=[0.353], color_mode="L")
 RGB = Preprocessing(image_size=32, resize_size=36, interpolation="bicubic", mean=[0.5] * 3, std=[0.25] * 3)
@@ -89,23 +87,12 @@ def test_large_jpeg_uses_draft_decoding_and_matches_a_full_decode():
     assert draft_s < 2.0  # a generous ceiling, only to catch a missing draft; timing lives in vit-bench
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A well-formed PNG declaring any size, with a few bytes of compressed data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-
-
 def test_pixel_limit_is_checked_from_the_header_before_decoding():
-    bomb = _png_header(100_000, 100_000)  # ten gigapixels declared in under 100 bytes
+    bomb = png_declaring(100_000, 100_000)  # ten gigapixels declared in under 100 bytes
     with pytest.raises(ImageTooLarge):
         ImagePreprocessor(GREY, max_pixels=40_000_000)(bomb)
     with pytest.raises(ImageTooLarge, match="9000x9000"):  # under Pillow's own bomb limit: ours decides
-        ImagePreprocessor(GREY, max_pixels=40_000_000)(_png_header(9000, 9000))
+        ImagePreprocessor(GREY, max_pixels=40_000_000)(png_declaring(9000, 9000))
     with pytest.raises(ImageTooLarge):
         ImagePreprocessor(GREY, max_pixels=100)(encode(_gradient(20, 20), "PNG"))
 
@@ -115,7 +102,7 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
     [
         (b"hello, not an image", UnsupportedImageFormat),
         (b"\x00\x00\x01\x00" + b"\x00" * 64, UnsupportedImageFormat),  # ICO: real, but not accepted
-        (_png_header(0, 10), CorruptImage),
+        (png_declaring(0, 10), CorruptImage),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, CorruptImage),
     ],
 )
