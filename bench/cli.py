@@ -20,25 +20,19 @@ from model_export.manifest import Manifest
 from service.settings import DEFAULT_MODEL_DIR
 
 
-def _sample_images() -> list[bytes]:
-    """Real photos shipped with scikit-image, as 1024x768 JPEGs (a typical upload)."""
-    from skimage import data
-
-    images = []
-    for photo in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket()):
-        buffer = io.BytesIO()
-        Image.fromarray(photo).resize((1024, 768), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
-
-
-def _photo_at(side: int) -> bytes:
-    """A real photo (scikit-image's astronaut) as a JPEG whose shorter side is `side`."""
+def _photo_jpeg(name: str, size: tuple[int, int]) -> bytes:
+    """One of scikit-image's sample photos, resized to `size` and encoded as a quality-90 JPEG."""
     from skimage import data
 
     buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).resize((side, side), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
+    photo = Image.fromarray(getattr(data, name)())
+    photo.resize(size, Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+def _sample_images() -> list[bytes]:
+    """Real photos as 1024x768 JPEGs, a typical upload."""
+    return [_photo_jpeg(name, (1024, 768)) for name in ("astronaut", "coffee", "chelsea", "rocket")]
 
 
 def print_result(result: BenchResult) -> None:
@@ -60,7 +54,8 @@ def print_result(result: BenchResult) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     manifest = Manifest.read(args.model)
-    image = _photo_at(args.upload_side or manifest.preprocessing.resize_size)
+    side = args.upload_side or manifest.preprocessing.resize_size
+    image = _photo_jpeg("astronaut", (side, side))
     levels = [int(level) for level in args.concurrency.split(",")]
     result = run_bench(args.model, image, levels, args.seconds)
     print_result(result)
@@ -74,15 +69,10 @@ def run_command(args: argparse.Namespace) -> int:
 def preprocess_command(args: argparse.Namespace) -> int:
     """One core, as the preprocessing pool's threads each use one."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    from skimage import data
-
-    photo = Image.fromarray(data.astronaut())
     print("bytes -> normalised (3, 224, 224) tensor for ViT-B/16, one core, best of 10")
     print(f"{'upload':22} {'service ms':>10} {'full decode ms':>15} {'normalise: into buffer':>23} {'naive':>8}")
     for label, size in (("12 MP JPEG (4032x3024)", (4032, 3024)), ("1024x768 JPEG", (1024, 768))):
-        buffer = io.BytesIO()
-        photo.resize(size, Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
-        t = measure_preprocessing(label, buffer.getvalue())
+        t = measure_preprocessing(label, _photo_jpeg("astronaut", size))
         print(
             f"{t.label:22} {t.service_ms:10.2f} {t.full_decode_ms:15.2f} "
             f"{t.normalise_into_ms:20.3f} ms {t.normalise_naive_ms:5.3f} ms"
@@ -118,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder")
     run.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
     run.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
-    run.add_argument("--upload-side", type=int, help="side of the uploaded JPEG (default: the model's resize size)")
+    run.add_argument(
+        "--upload-side", type=int, help="side of the square uploaded JPEG (default: the model's resize size)"
+    )
     run.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and PNG")
     run.set_defaults(run=run_command)
     prep = commands.add_parser("preprocess", help="decode, resize and normalise timings on one core")
