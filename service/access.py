@@ -25,7 +25,7 @@ def key_is_valid(presented: str, keys: list[str]) -> bool:
     return matched
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """FastAPI dependency: a no-op unless VIT_API_KEYS is set. Keys are never logged."""
     keys = request.app.state.settings.api_key_list
     if not keys:
