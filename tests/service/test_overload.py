@@ -69,7 +69,7 @@ def test_ten_times_capacity_is_refused_fast_and_memory_stays_flat(photo_1024):
     assert total == len(refused)
     # Closed-loop clients keep about CLIENTS requests waiting their turn on the event loop, so a
     # refusal's latency is that queue's (concurrency / throughput), not the refusal's own work;
-    # on 2 cores shared with this load generator, 98.9-99.6% came within 100 ms.
+    # on 2 cores shared with this load generator, 99.9% came within 100 ms (85% within 25 ms).
     assert shares[0.1] >= 0.95, shares
     assert max(accepted) < TIMEOUT_S
     assert growth < 25, rss  # MB beyond the warmed-up level: flat, not a leak
