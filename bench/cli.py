@@ -12,12 +12,14 @@ from pathlib import Path
 from PIL import Image
 
 from bench.explain_cost import measure
+from bench.machine import Machine
 from bench.plot import plot_result
 from bench.preprocess_speed import measure as measure_preprocessing
+from bench.raw_limit import best_layout
 from bench.soak import soak
 from bench.throughput import BenchResult, run_bench
 from model_export.manifest import Manifest
-from service.settings import DEFAULT_MODEL_DIR
+from service.settings import DEFAULT_MODEL_DIR, available_cores
 
 
 def _photo_jpeg(name: str, size: tuple[int, int]) -> bytes:
@@ -35,8 +37,18 @@ def _sample_images() -> list[bytes]:
     return [_photo_jpeg(name, (1024, 768)) for name in ("astronaut", "coffee", "chelsea", "rocket")]
 
 
+def print_machine(machine: Machine) -> None:
+    flags = ", ".join(machine.kernel_flags) or "none of note"
+    print(f"machine: {machine.cpu}, {machine.cores} cores; kernel flags: {flags}")
+    print(
+        f"GEMM peaks (onnxruntime, {machine.cores} x 1 thread): fp32 {machine.fp32_peak_gflops:.0f} GFLOP/s, "
+        f"int8 {machine.int8_peak_gops:.0f} GOP/s ({'VNNI' if machine.has_vnni else 'no VNNI'})"
+    )
+
+
 def print_result(result: BenchResult) -> None:
-    print(f"model {result.model}, upload {result.image_bytes} bytes (JPEG)")
+    print_machine(result.machine)
+    print(f"model {result.model} ({result.variant}), upload {result.image_bytes} bytes (JPEG)")
     print("limit: raw onnxruntime, no HTTP (sessions x threads, batch -> images/s)")
     for layout in result.limit:
         print(f"  {layout.sessions} x {layout.threads}, batch {layout.batch:2d}: {layout.images_per_s:8.1f}")
@@ -50,6 +62,11 @@ def print_result(result: BenchResult) -> None:
     ratios = result.ratios()
     print(f"service / limit:    {ratios['service_over_limit']:.2f}x")
     print(f"service / baseline: {ratios['service_over_baseline']:.2f}x")
+    print(
+        f"overhead at concurrency 1: {ratios['overhead_ms']:.2f} ms "
+        f"(p50 over HTTP minus {result.lone_ms:.2f} ms for the image alone in one session)"
+    )
+    print(f"limit / the machine's {result.variant.split('+')[0]} GEMM peak: {ratios['limit_over_peak']:.2f}")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -63,6 +80,27 @@ def run_command(args: argparse.Namespace) -> int:
     (args.out / f"{result.model}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     plot_result(result, args.out / f"{result.model}.png")
     print(f"wrote {args.out / (result.model + '.json')} and {result.model}.png")
+    return 0
+
+
+def variants_command(args: argparse.Namespace) -> int:
+    """The raw limit of each exported variant on this machine; the fastest is the one to serve."""
+    results = []
+    for model_dir in args.models:
+        manifest = Manifest.read(model_dir)
+        prep = manifest.preprocessing
+        shape = (prep.channels, prep.image_size, prep.image_size)
+        best = best_layout(model_dir / manifest.onnx_file, shape, available_cores(), args.seconds)[0]
+        results.append((best.images_per_s, manifest, model_dir, best))
+    print(f"raw onnxruntime limit per variant on {available_cores()} cores (best layout each)")
+    print(f"{'variant':24} {'img/s':>8} {'layout':>16} {'gate':>22}  folder")
+    for images_per_s, manifest, model_dir, best in results:
+        gate = manifest.verification.get("variant_gate")
+        gate_text = f"top-1 {gate['variant_accuracy']:.4f}" if isinstance(gate, dict) else "-"
+        layout = f"{best.sessions} x {best.threads}, b{best.batch}"
+        print(f"{manifest.variant:24} {images_per_s:8.1f} {layout:>16} {gate_text:>22}  {model_dir}")
+    fastest = max(results, key=lambda r: r[0])
+    print(f"fastest here: {fastest[1].variant} -> vit-serve --model {fastest[2]}")
     return 0
 
 
@@ -113,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and PNG")
     run.set_defaults(run=run_command)
+    variants = commands.add_parser("variants", help="raw limit of each exported variant here: which to serve")
+    variants.add_argument("models", type=Path, nargs="+", help="exported model folders (one per variant)")
+    variants.add_argument("--seconds", type=float, default=5.0, help="seconds per measured layout")
+    variants.set_defaults(run=variants_command)
     prep = commands.add_parser("preprocess", help="decode, resize and normalise timings on one core")
     prep.set_defaults(run=preprocess_command)
     cost = commands.add_parser("explain-cost", help="latency of explain=true vs plain requests")

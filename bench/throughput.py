@@ -9,11 +9,13 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import Outcome, closed_loop
-from bench.raw_limit import Layout, best_layout
+from bench.load import Outcome, multipart_upload, wire_closed_loop
+from bench.machine import Machine, describe
+from bench.raw_limit import Layout, best_layout, lone_latency_ms
 from bench.server import run_server, run_uvicorn_process
 from model_export.manifest import Manifest
-from service.settings import available_cores
+from model_export.vit import ViTConfig
+from service.settings import Settings, available_cores
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,12 @@ class HttpResult:
 @dataclass(frozen=True)
 class BenchResult:
     model: str
+    variant: str
     image_bytes: int
+    machine: Machine
+    multiply_adds: int  # per image
     limit: list[Layout]
+    lone_ms: float  # one image, one session of the service's threads, nothing else running
     http: list[HttpResult]
 
     def best(self, system: str) -> HttpResult:
@@ -43,19 +49,20 @@ class BenchResult:
 
     def ratios(self) -> dict[str, float]:
         service, baseline = self.best("service"), self.best("baseline")
+        lone_request = min((r for r in self.http if r.system == "service"), key=lambda r: r.concurrency)
+        int8 = self.variant.startswith("int8")
+        peak = self.machine.int8_peak_gops if int8 else self.machine.fp32_peak_gflops
         return {
             "service_over_limit": service.images_per_s / self.limit[0].images_per_s,
             "service_over_baseline": service.images_per_s / baseline.images_per_s,
+            # HTTP, decode, batching and the load generator's own turn, at the lowest concurrency.
+            "overhead_ms": lone_request.p50_ms - self.lone_ms,
+            "limit_over_peak": self.limit[0].images_per_s * 2 * self.multiply_adds / 1e9 / peak,
         }
 
 
-def _post_image(image: bytes):  # type: ignore[no-untyped-def]
-    files = {"file": ("image.jpg", image, "image/jpeg")}
-    return lambda client: client.post("/classify", files=files)
-
-
 def _load(url: str, image: bytes, clients: int, seconds: float) -> list[Outcome]:
-    return closed_loop(url, _post_image(image), clients, seconds)
+    return wire_closed_loop(url, multipart_upload(url, "/classify", image), clients, seconds)
 
 
 def _batch_totals(client: httpx.Client) -> tuple[float, float]:
@@ -105,10 +112,17 @@ def run_bench(model_dir: Path, image: bytes, levels: list[int], seconds: float) 
     manifest = Manifest.read(model_dir)
     prep = manifest.preprocessing
     shape = (prep.channels, prep.image_size, prep.image_size)
-    limit = best_layout(model_dir / manifest.onnx_file, shape, available_cores(), seconds)
+    onnx_path = model_dir / manifest.onnx_file
+    cores = available_cores()
+    machine = describe(cores, seconds)
+    limit = best_layout(onnx_path, shape, cores, seconds)
+    lone_ms = lone_latency_ms(onnx_path, shape, Settings().intra_op_threads, runs=max(5, int(seconds * 10)))
     with run_server(model_dir, max_queue_images=max(256, 4 * max(levels))) as server:
         service = measure_http("service", server.url, image, levels, seconds)
         server.stop()
     with run_uvicorn_process(["-m", "bench.baseline_server", "--model", str(model_dir)]) as baseline_server:
         baseline = measure_http("baseline", baseline_server.url, image, levels, seconds)
-    return BenchResult(manifest.name, len(image), limit, service + baseline)
+    multiply_adds = ViTConfig(**manifest.config).multiply_adds()  # type: ignore[arg-type]
+    return BenchResult(
+        manifest.name, manifest.variant, len(image), machine, multiply_adds, limit, lone_ms, service + baseline
+    )

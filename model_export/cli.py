@@ -59,9 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-explain", action="store_true", help="skip model_explain.onnx, the graph that also outputs attention maps"
     )
-    parser.add_argument("--int8", action="store_true", help="quantize the verified graphs to int8 (dynamic)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--int8", action="store_true", help="quantize the verified graphs to int8 (dynamic; CPU)")
+    precision.add_argument(
+        "--fp16", action="store_true", help="convert the verified graphs to fp16, LayerNorm and softmax kept fp32 (GPU)"
+    )
     parser.add_argument(
-        "--gate", choices=["fashion-mnist"], help="with --int8: refuse the variant unless it passes this accuracy gate"
+        "--fused-attention",
+        action="store_true",
+        help="write one onnxruntime Attention operator per block in model.onnx (wins on GPU; let vit-bench decide)",
+    )
+    parser.add_argument(
+        "--gate",
+        choices=["fashion-mnist"],
+        help="with --int8 or --fp16: refuse the variant unless it passes this accuracy gate",
     )
     return parser
 
@@ -94,10 +105,18 @@ def run(args: argparse.Namespace) -> Manifest:
         source=Source(checkpoint=imported.source.name, layout=imported.layout, sha256=imported.sha256 or None),
         verification={},
     )
-    if args.gate and not args.int8:
-        raise CheckpointError("--gate applies to --int8")
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    if args.gate and precision == "fp32":
+        raise CheckpointError("--gate applies to --int8 or --fp16")
     return write_artifact(
-        imported.model, args.out, manifest, args.opset, explain=not args.no_explain, int8=args.int8, gate=args.gate
+        imported.model,
+        args.out,
+        manifest,
+        args.opset,
+        explain=not args.no_explain,
+        precision=precision,
+        fused_attention=args.fused_attention,
+        gate=args.gate,
     )
 
 
@@ -120,16 +139,16 @@ def main(argv: list[str] | None = None) -> int:
             f"verified: batch {check['batch']}: max |ORT - PyTorch| = {check['max_abs_diff']:.2e} "
             f"(<= {manifest.verification['tolerance']}), top-1 agreement {check['top1_agreement']:.0%}"
         )
-    for check in manifest.verification.get("int8_batches", []):  # type: ignore[attr-defined]
+    for check in manifest.verification.get("variant_batches", []):  # type: ignore[attr-defined]
         print(
-            f"int8: batch {check['batch']}: max |ORT int8 - PyTorch fp32| = {check['max_abs_diff']:.2e}, "
+            f"{manifest.variant}: batch {check['batch']}: max |ORT - PyTorch fp32| = {check['max_abs_diff']:.2e}, "
             f"top-1 agreement {check['top1_agreement']:.0%}"
         )
-    if "int8_gate" in manifest.verification:
-        gate = manifest.verification["int8_gate"]
+    if "variant_gate" in manifest.verification:
+        gate = manifest.verification["variant_gate"]
         print(
-            f"int8 gate passed on {gate['dataset']}: top-1 {gate['fp32_accuracy']:.4f} fp32 -> "  # type: ignore[index]
-            f"{gate['int8_accuracy']:.4f} int8 (drop {gate['drop_points']} points), "  # type: ignore[index]
+            f"{manifest.variant} gate passed on {gate['dataset']}: top-1 {gate['fp32_accuracy']:.4f} fp32 -> "  # type: ignore[index]
+            f"{gate['variant_accuracy']:.4f} (drop {gate['drop_points']} points), "  # type: ignore[index]
             f"agreement {gate['top1_agreement']:.2%}"  # type: ignore[index]
         )
     for check in manifest.verification.get("explain_batches", []):  # type: ignore[attr-defined]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -15,6 +17,9 @@ import torch
 from torch import nn
 
 from model_export.checkpoints import sha256_file
+from model_export.fused_attention import CONTRIB_DOMAIN, with_fused_attention
+from model_export.gate import fashion_mnist_gate
+from model_export.half_precision import to_fp16_in_place
 from model_export.manifest import (
     BATCH_AXIS,
     EXPLAIN_ONNX_FILE,
@@ -25,7 +30,7 @@ from model_export.manifest import (
     MANIFEST_METADATA_KEY,
     Manifest,
 )
-from model_export.quantize import fashion_mnist_gate, quantize_in_place
+from model_export.quantize import quantize_in_place
 from model_export.vit import VisionTransformer, class_token_attention
 
 DEFAULT_OPSET = 17
@@ -33,6 +38,10 @@ TRACE_BATCH = 2
 # Batch 1, the traced batch, an odd size, and a larger one that was never traced.
 VERIFY_BATCHES = (1, TRACE_BATCH, 3, 8)
 FP32_TOLERANCE = 1e-4
+
+Precision = Literal["fp32", "int8", "fp16"]
+# How each reduced precision rewrites a verified fp32 graph in place.
+PRECISION_PASSES: dict[str, Callable[[Path], None]] = {"int8": quantize_in_place, "fp16": to_fp16_in_place}
 
 
 class ExportError(RuntimeError):
@@ -66,8 +75,17 @@ def output_names(explain: bool) -> list[str]:
     return EXPLAIN_OUTPUT_NAMES if explain else [LOGITS_NAME]
 
 
-def export_onnx(model: VisionTransformer, onnx_path: Path, opset: int = DEFAULT_OPSET, explain: bool = False) -> None:
-    """Trace to `onnx_path` with a dynamic batch axis (the manifest is embedded by write_artifact)."""
+def export_onnx(
+    model: VisionTransformer,
+    onnx_path: Path,
+    opset: int = DEFAULT_OPSET,
+    explain: bool = False,
+    fused_attention: bool = False,
+) -> None:
+    """Trace to `onnx_path` with a dynamic batch axis (the manifest is embedded by write_artifact).
+
+    fused_attention writes one onnxruntime Attention operator per block (not for explain graphs,
+    which must output the attention weights the operator keeps to itself)."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
     cfg = model.cfg
@@ -80,7 +98,7 @@ def export_onnx(model: VisionTransformer, onnx_path: Path, opset: int = DEFAULT_
         warnings.simplefilter("ignore", category=FutureWarning)
         names = output_names(explain)
         torch.onnx.export(
-            _Graph(model.eval(), explain),
+            _Graph((with_fused_attention(model) if fused_attention else model).eval(), explain),
             (dummy,),
             str(onnx_path),
             input_names=[INPUT_NAME],
@@ -88,6 +106,7 @@ def export_onnx(model: VisionTransformer, onnx_path: Path, opset: int = DEFAULT_
             dynamic_axes={name: {0: BATCH_AXIS} for name in [INPUT_NAME, *names]},
             opset_version=opset,
             do_constant_folding=True,
+            custom_opsets={CONTRIB_DOMAIN: 1} if fused_attention else None,
             dynamo=False,
         )
 
@@ -131,53 +150,61 @@ def verify_onnx(
     return checks
 
 
+def variant_name(precision: Precision, fused_attention: bool) -> str:
+    return precision + ("+fused-attention" if fused_attention else "")
+
+
 def write_artifact(
     model: VisionTransformer,
     out_dir: Path,
     manifest: Manifest,
     opset: int = DEFAULT_OPSET,
     explain: bool = True,
-    int8: bool = False,
+    precision: Precision = "fp32",
+    fused_attention: bool = False,
     gate: str | None = None,
 ) -> Manifest:
     """Export, verify and write `model.onnx` (and, with explain, `model_explain.onnx`) plus
     `manifest.json` into out_dir; returns the final manifest.
 
-    With int8, each graph is verified in fp32 first, then quantized; the int8 graph's distance
-    from PyTorch is recorded, and with gate="fashion-mnist" its accuracy must pass the gate."""
+    Each graph is verified in fp32 first. An int8 or fp16 variant is then made from it; its
+    distance from PyTorch is recorded, and with gate="fashion-mnist" its accuracy must pass."""
     graphs = {manifest.onnx_file: False, **({EXPLAIN_ONNX_FILE: True} if explain else {})}
+    variant = variant_name(precision, fused_attention)
     verification: dict[str, object] = {
         "onnx_checker": "passed",
         "onnxruntime": ort.__version__,
         "tolerance": FP32_TOLERANCE,
     }
     for filename, with_maps in graphs.items():
-        export_onnx(model, out_dir / filename, opset, explain=with_maps)
+        export_onnx(
+            model, out_dir / filename, opset, explain=with_maps, fused_attention=fused_attention and not with_maps
+        )
         checks = verify_onnx(model, out_dir / filename, explain=with_maps)
         verification["explain_batches" if with_maps else "batches"] = [check.__dict__ for check in checks]
-    if int8:
+    if precision != "fp32":
         fp32_copy = out_dir / "model.fp32.onnx"
         shutil.copyfile(out_dir / manifest.onnx_file, fp32_copy)
         try:
             for filename in graphs:
-                quantize_in_place(out_dir / filename)
+                PRECISION_PASSES[precision](out_dir / filename)
             # Not held to the fp32 tolerance: recorded, and judged by the gate.
-            verification["int8_batches"] = [
+            verification["variant_batches"] = [
                 c.__dict__ for c in verify_onnx(model, out_dir / manifest.onnx_file, tolerance=math.inf)
             ]
             if gate == "fashion-mnist":
-                verification["int8_gate"] = figures = fashion_mnist_gate(
-                    fp32_copy, out_dir / manifest.onnx_file, manifest
+                verification["variant_gate"] = figures = fashion_mnist_gate(
+                    fp32_copy, out_dir / manifest.onnx_file, manifest, variant
                 )
                 if not figures["passed"]:
-                    raise ExportError(f"int8 variant failed its accuracy gate: {figures}")
+                    raise ExportError(f"{variant} variant failed its accuracy gate: {figures}")
         finally:
             fp32_copy.unlink()
     final = manifest.model_copy(
         update={
             "verification": verification,
             "explain_onnx_file": EXPLAIN_ONNX_FILE if explain else None,
-            "variant": "int8" if int8 else "fp32",
+            "variant": variant,
         }
     )
     # Embedded once, when the verification figures are known; then hash the final bytes.

@@ -50,6 +50,14 @@ class ViTConfig:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    def multiply_adds(self) -> int:
+        """Multiply-adds in one image's forward pass (the matrix products; norms and softmax are noise)."""
+        tokens, d = self.num_patches + 1, self.embed_dim
+        patch_embed = self.num_patches * self.in_chans * self.patch_size**2 * d
+        attention = tokens * d * 3 * d + 2 * tokens * tokens * d + tokens * d * d  # qkv, scores and mix, proj
+        mlp = 2 * tokens * d * self.mlp_dim
+        return patch_embed + self.depth * (attention + mlp) + d * self.num_classes
+
 
 def _standard(embed_dim: int, depth: int, num_heads: int, patch: int = 16, img: int = 224) -> ViTConfig:
     return ViTConfig(

@@ -37,6 +37,9 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain is None and self._loop is not None and sig in (signal.SIGTERM, signal.SIGINT):
+            # Readiness and admission flip here and now (a flag write is signal-safe): with uvloop the
+            # loop may otherwise answer requests that arrived with the signal before the drain task runs.
+            self.lifecycle.begin_drain()
             # A signal handler may interrupt the loop anywhere: hand over through the thread-safe door.
             self._loop.call_soon_threadsafe(self._start_drain)
             return

@@ -68,8 +68,10 @@ class ModelInfo(BaseModel):
     input_size: InputSize
     preprocessing: Preprocessing
     pooling: str
-    variant: str = Field(description="fp32, or int8 (dynamically quantized)")
-    variant_gate: dict[str, object] | None = Field(None, description="the int8 variant's measured accuracy gate")
+    variant: str = Field(description="fp32, int8 or fp16, +fused-attention when the graph uses the fused operator")
+    variant_gate: dict[str, object] | None = Field(
+        None, description="a reduced-precision variant's measured accuracy gate"
+    )
     provider: str = Field(description="the execution provider the session reports, not the one asked for")
     requested_providers: list[str]
     batching: BatchingOut

@@ -23,7 +23,7 @@ def model_info(classifier: Classifier) -> ModelInfo:
         preprocessing=manifest.preprocessing,
         pooling=manifest.pooling,
         variant=manifest.variant,
-        variant_gate=manifest.verification.get("int8_gate"),  # type: ignore[arg-type]
+        variant_gate=manifest.verification.get("variant_gate"),  # type: ignore[arg-type]
         provider=backend.provider,
         requested_providers=backend.providers.requested,
         batching=BatchingOut(

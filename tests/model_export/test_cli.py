@@ -53,7 +53,7 @@ def test_a_checkpoint_with_a_labels_file_exports(tmp_path):
         (lambda d: [_write(d / "b.pt", None)], "refused by torch.load"),
         (lambda d: [_tiny(d), "--preset", "vit_base_patch16_224"], "does not match the preset"),
         (lambda d: [_tiny(d), "--img-size", "30"], "not a multiple of patch_size"),
-        (lambda d: [_tiny(d), "--gate", "fashion-mnist"], "--gate applies to --int8"),
+        (lambda d: [_tiny(d), "--gate", "fashion-mnist"], "--gate applies to --int8 or --fp16"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_clear_message(tmp_path, setup, message):

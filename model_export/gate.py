@@ -1,0 +1,44 @@
+"""The accuracy gate a reduced-precision variant must pass before it is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from model_export.fashion_mnist import load_split
+from model_export.manifest import INPUT_NAME, LOGITS_NAME, Manifest
+
+# On the default model: at most this drop in top-1 accuracy, at least this agreement with fp32.
+MAX_ACCURACY_DROP_POINTS = 0.5
+MIN_TOP1_AGREEMENT = 0.99
+
+
+def _predictions(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(onnx_path), providers=ort.get_available_providers())
+    logits = [session.run([LOGITS_NAME], {INPUT_NAME: batch[i : i + 500]})[0] for i in range(0, len(batch), 500)]
+    return np.concatenate(logits).argmax(axis=1)
+
+
+def fashion_mnist_gate(fp32_path: Path, variant_path: Path, manifest: Manifest, variant: str) -> dict[str, object]:
+    """Top-1 of both graphs on the 10k Fashion-MNIST test split, normalised as the manifest says."""
+    prep = manifest.preprocessing
+    if (prep.color_mode, prep.image_size) != ("L", 28):
+        raise ValueError("the Fashion-MNIST gate needs a 28x28 greyscale model")
+    images, labels = load_split("test")
+    batch = ((images.astype(np.float32) / 255.0 - prep.mean[0]) / prep.std[0])[:, None]
+    fp32, reduced = _predictions(fp32_path, batch), _predictions(variant_path, batch)
+    fp32_accuracy, variant_accuracy = float((fp32 == labels).mean()), float((reduced == labels).mean())
+    drop = 100 * (fp32_accuracy - variant_accuracy)
+    agreement = float((fp32 == reduced).mean())
+    return {
+        "variant": variant,
+        "dataset": "Fashion-MNIST test split (10,000 images)",
+        "fp32_accuracy": fp32_accuracy,
+        "variant_accuracy": variant_accuracy,
+        "drop_points": round(drop, 3),
+        "top1_agreement": agreement,
+        "passed": drop <= MAX_ACCURACY_DROP_POINTS and agreement >= MIN_TOP1_AGREEMENT,
+        "limits": {"max_drop_points": MAX_ACCURACY_DROP_POINTS, "min_top1_agreement": MIN_TOP1_AGREEMENT},
+    }
