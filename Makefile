@@ -8,7 +8,7 @@ PORT ?= 8000
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test lint system-deps train-default export-default
+.PHONY: serve test lint system-deps train-default export-default bench
 
 $(BIN)/vit-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,18 @@ train-default: $(VENV)/.test-deps system-deps
 
 export-default: $(VENV)/.test-deps
 	$(BIN)/vit-export model_export/default_model --out service/default_model --name fashion-mnist-vit
+
+# Run by hand, not in CI: export ViT-Ti/16 and ViT-B/16 (fp32 and int8) and bench each against the
+# raw onnxruntime limit and a FastAPI + PyTorch baseline; JSON, plots and summary.md in $(BENCH_OUT).
+# Its own venv with the CPU-only torch wheel: the test venv's torch is the 5 GB CUDA build.
+BENCH_VENV ?= .venv-bench
+BENCH_OUT ?= bench-results
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[cpu,bench]'
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/vit-bench reproduce --out $(BENCH_OUT)

@@ -20,9 +20,9 @@ from model_export.manifest import Manifest
 from model_export.vit import VisionTransformer, ViTConfig
 
 
-def create_baseline_app(model_dir: Path) -> FastAPI:
+def create_baseline_app(model_dir: Path, device: str) -> FastAPI:
     cfg = ViTConfig(**Manifest.read(model_dir).config)  # type: ignore[arg-type]
-    model = VisionTransformer(cfg).eval()
+    model = VisionTransformer(cfg).eval().to(device)
     mode = "L" if cfg.in_chans == 1 else "RGB"
     app = FastAPI()
 
@@ -30,7 +30,7 @@ def create_baseline_app(model_dir: Path) -> FastAPI:
     def classify(file: UploadFile = File(...)) -> dict[str, object]:
         image = Image.open(io.BytesIO(file.file.read())).convert(mode).resize((cfg.img_size, cfg.img_size))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-        pixels = (pixels[None] if mode == "L" else pixels.permute(2, 0, 1))[None]
+        pixels = (pixels[None] if mode == "L" else pixels.permute(2, 0, 1))[None].to(device)
         with torch.inference_mode():
             probabilities = model((pixels - 0.5) / 0.5).softmax(-1)[0]
         score, index = probabilities.max(0)
@@ -43,8 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True, help="an exported model folder (for its architecture)")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     args = parser.parse_args()
-    uvicorn.run(create_baseline_app(args.model), host="127.0.0.1", port=args.port, log_level="info")
+    uvicorn.run(create_baseline_app(args.model, args.device), host="127.0.0.1", port=args.port, log_level="info")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,19 @@ import os
 import sys
 from pathlib import Path
 
+import onnxruntime as ort
 from PIL import Image
 
 from bench.explain_cost import measure
 from bench.machine import Machine
 from bench.plot import plot_result
 from bench.preprocess_speed import measure as measure_preprocessing
-from bench.raw_limit import best_layout
+from bench.raw_limit import best_layout, device_of
+from bench.reproduce import export_bench_models, summary_table
 from bench.soak import soak
 from bench.throughput import BenchResult, run_bench
 from model_export.manifest import Manifest
+from service.runtime import requested_providers
 from service.settings import DEFAULT_MODEL_DIR, available_cores
 
 
@@ -40,18 +43,25 @@ def _sample_images() -> list[bytes]:
 def print_machine(machine: Machine) -> None:
     flags = ", ".join(machine.kernel_flags) or "none of note"
     print(f"machine: {machine.cpu}, {machine.cores} cores; kernel flags: {flags}")
-    print(
-        f"GEMM peaks (onnxruntime, {machine.cores} x 1 thread): fp32 {machine.fp32_peak_gflops:.0f} GFLOP/s, "
-        f"int8 {machine.int8_peak_gops:.0f} GOP/s ({'VNNI' if machine.has_vnni else 'no VNNI'})"
-    )
+    peaks = ", ".join(f"{precision} {value:.0f} G op/s" for precision, value in machine.peaks.items())
+    if machine.gpu:
+        print(f"GPU: {machine.gpu}; GEMM peaks (onnxruntime CUDA, one session): {peaks}")
+    else:
+        vnni = "VNNI" if machine.has_vnni else "no VNNI"
+        print(f"GEMM peaks (onnxruntime, {machine.cores} x 1 thread): {peaks} ({vnni})")
 
 
 def print_result(result: BenchResult) -> None:
     print_machine(result.machine)
-    print(f"model {result.model} ({result.variant}), upload {result.image_bytes} bytes (JPEG)")
+    print(
+        f"model {result.model} ({result.variant}), upload {result.image_bytes} bytes (JPEG), "
+        f"{result.images_per_request} per service request"
+    )
     print("limit: raw onnxruntime, no HTTP (sessions x threads, batch -> images/s)")
     for layout in result.limit:
-        print(f"  {layout.sessions} x {layout.threads}, batch {layout.batch:2d}: {layout.images_per_s:8.1f}")
+        print(f"  {layout.sessions} x {layout.threads}, batch {layout.batch:3d}: {layout.images_per_s:8.1f}")
+    if result.limit_device_input is not None:
+        print(f"  the same best batch with its input already on the GPU: {result.limit_device_input:8.1f}")
     print(f"{'system':9} {'conc':>4} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} {'errors':>6}")
     for r in result.http:
         batch = f"{r.mean_batch:6.2f}" if r.mean_batch is not None else f"{'-':>6}"
@@ -59,6 +69,8 @@ def print_result(result: BenchResult) -> None:
             f"{r.system:9} {r.concurrency:4d} {r.images_per_s:8.1f} {r.p50_ms:8.2f} {r.p95_ms:8.2f} "
             f"{r.p99_ms:8.2f} {batch} {r.errors:6d}"
         )
+    if result.skipped_levels:
+        print(f"skipped concurrency {result.skipped_levels}: a round trip would exceed half the window")
     ratios = result.ratios()
     print(f"service / limit:    {ratios['service_over_limit']:.2f}x")
     print(f"service / baseline: {ratios['service_over_baseline']:.2f}x")
@@ -69,30 +81,59 @@ def print_result(result: BenchResult) -> None:
     print(f"limit / the machine's {result.variant.split('+')[0]} GEMM peak: {ratios['limit_over_peak']:.2f}")
 
 
+def _bench_and_save(
+    model_dir: Path, image: bytes, levels: list[int], seconds: float, device: str, out: Path, per_request: int = 1
+) -> BenchResult:
+    result = run_bench(model_dir, image, levels, seconds, device, per_request)
+    print_result(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{result.model}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    plot_result(result, out / f"{result.model}.png")
+    print(f"wrote {out / (result.model + '.json')} and {result.model}.png")
+    return result
+
+
+def _levels(text: str) -> list[int]:
+    return [int(level) for level in text.split(",")]
+
+
 def run_command(args: argparse.Namespace) -> int:
     manifest = Manifest.read(args.model)
     side = args.upload_side or manifest.preprocessing.resize_size
     image = _photo_jpeg("astronaut", (side, side))
-    levels = [int(level) for level in args.concurrency.split(",")]
-    result = run_bench(args.model, image, levels, args.seconds)
-    print_result(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{result.model}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    plot_result(result, args.out / f"{result.model}.png")
-    print(f"wrote {args.out / (result.model + '.json')} and {result.model}.png")
+    _bench_and_save(
+        args.model, image, _levels(args.concurrency), args.seconds, args.device, args.out, args.images_per_request
+    )
+    return 0
+
+
+def reproduce_command(args: argparse.Namespace) -> int:
+    """Export the device's bench models (random weights: speed does not depend on them) and bench
+    each; then one summary table."""
+    device = device_of(requested_providers(args.device, ort.get_available_providers())[0])
+    results = []
+    for model_dir in export_bench_models(args.out / "models", device):
+        side = Manifest.read(model_dir).preprocessing.resize_size
+        image = _photo_jpeg("astronaut", (side, side))
+        results.append(_bench_and_save(model_dir, image, _levels(args.concurrency), args.seconds, device, args.out))
+    summary = summary_table(results)
+    (args.out / "summary.md").write_text(summary)
+    print(summary)
     return 0
 
 
 def variants_command(args: argparse.Namespace) -> int:
     """The raw limit of each exported variant on this machine; the fastest is the one to serve."""
+    provider = requested_providers(args.device, ort.get_available_providers())[0]
     results = []
     for model_dir in args.models:
         manifest = Manifest.read(model_dir)
         prep = manifest.preprocessing
         shape = (prep.channels, prep.image_size, prep.image_size)
-        best = best_layout(model_dir / manifest.onnx_file, shape, available_cores(), args.seconds)[0]
+        best = best_layout(model_dir / manifest.onnx_file, shape, available_cores(), args.seconds, provider)[0]
         results.append((best.images_per_s, manifest, model_dir, best))
-    print(f"raw onnxruntime limit per variant on {available_cores()} cores (best layout each)")
+    where = "one CUDA device" if device_of(provider) == "cuda" else f"{available_cores()} cores"
+    print(f"raw onnxruntime limit per variant on {where} (best layout each)")
     print(f"{'variant':24} {'img/s':>8} {'layout':>16} {'gate':>22}  folder")
     for images_per_s, manifest, model_dir, best in results:
         gate = manifest.verification.get("variant_gate")
@@ -139,6 +180,13 @@ def soak_command(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+DEVICE_OPTION: dict[str, object] = {
+    "choices": ["auto", "cpu", "cuda"],
+    "default": "auto",
+    "help": "auto: CUDA when onnxruntime has it (as VIT_PROVIDERS)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vit-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -150,11 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         "--upload-side", type=int, help="side of the square uploaded JPEG (default: the model's resize size)"
     )
     run.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and PNG")
+    run.add_argument("--device", **DEVICE_OPTION)
+    run.add_argument(
+        "--images-per-request", type=int, default=1, help="images in each service request (the baseline takes one)"
+    )
     run.set_defaults(run=run_command)
     variants = commands.add_parser("variants", help="raw limit of each exported variant here: which to serve")
     variants.add_argument("models", type=Path, nargs="+", help="exported model folders (one per variant)")
     variants.add_argument("--seconds", type=float, default=5.0, help="seconds per measured layout")
+    variants.add_argument("--device", **DEVICE_OPTION)
     variants.set_defaults(run=variants_command)
+    again = commands.add_parser(
+        "reproduce", help="CPU: ViT-Ti and ViT-B, fp32 and int8; CUDA: ViT-B fp32, fp16, fp16+fused: bench each"
+    )
+    again.add_argument("--device", **DEVICE_OPTION)
+    again.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
+    again.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
+    again.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for models, JSON, PNG, summary")
+    again.set_defaults(run=reproduce_command)
     prep = commands.add_parser("preprocess", help="decode, resize and normalise timings on one core")
     prep.set_defaults(run=preprocess_command)
     cost = commands.add_parser("explain-cost", help="latency of explain=true vs plain requests")

@@ -66,18 +66,17 @@ def closed_loop(
     return outcomes
 
 
-def multipart_upload(url: str, path: str, image: bytes, content_type: str = "image/jpeg") -> bytes:
-    """One complete keep-alive HTTP/1.1 request uploading `image` as the form field `file`."""
+def multipart_upload(url: str, path: str, images: list[bytes], content_type: str = "image/jpeg") -> bytes:
+    """One complete keep-alive HTTP/1.1 request uploading `images`, each as a form field `file`."""
     boundary = b"vit-bench-boundary"
-    body = b"".join(
-        [
-            b"--" + boundary + b"\r\n",
-            b'Content-Disposition: form-data; name="file"; filename="image"\r\n',
-            b"Content-Type: " + content_type.encode() + b"\r\n\r\n",
-            image,
-            b"\r\n--" + boundary + b"--\r\n",
-        ]
+    part_head = (
+        b'Content-Disposition: form-data; name="file"; filename="image"\r\n'
+        + b"Content-Type: "
+        + content_type.encode()
+        + b"\r\n\r\n"
     )
+    body = b"".join(b"--" + boundary + b"\r\n" + part_head + image + b"\r\n" for image in images)
+    body += b"--" + boundary + b"--\r\n"
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary.decode()}\r\n"

@@ -1,20 +1,30 @@
-"""What this machine can do at best: its CPU's instruction sets and the GEMM peaks onnxruntime reaches."""
+"""What this machine can do at best: its processor, and the GEMM peaks onnxruntime reaches on it."""
 
 from __future__ import annotations
 
 import platform
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.raw_limit import runs_per_second
+from bench.raw_limit import device_of, runs_per_second
 
 # Square products big enough to reach the kernels' steady state, small enough to time in seconds.
-GEMM_SIDE = 1024
+GEMM_SIDE = {"cpu": 1024, "cuda": 8192}
 # The flags that decide which matrix kernels onnxruntime's MLAS can pick.
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+# The precisions whose peak is measured on each kind of device: those its variants run in.
+PEAK_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "fp16")}
+# (ONNX operator, input type, output type, numpy types of A and of B) per precision.
+GEMM_TYPES = {
+    "fp32": ("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, np.float32, np.float32),
+    "fp16": ("MatMul", TensorProto.FLOAT16, TensorProto.FLOAT16, np.float16, np.float16),
+    # u8 activations x s8 weights: the pair VNNI multiplies.
+    "int8": ("MatMulInteger", TensorProto.UINT8, TensorProto.INT32, np.uint8, np.int8),
+}
 
 
 @dataclass(frozen=True)
@@ -22,12 +32,15 @@ class Machine:
     cpu: str
     cores: int
     kernel_flags: list[str]
-    fp32_peak_gflops: float  # GEMM, every core busy with its own single-thread session
-    int8_peak_gops: float  # u8 x s8 -> s32 GEMM, the same way
+    gpu: str | None  # the CUDA device the bench ran on; None on CPU
+    peaks: dict[str, float]  # giga-operations/s of a GEMM in each precision, every core or the GPU busy
 
     @property
     def has_vnni(self) -> bool:
         return any(flag in self.kernel_flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+    def peak_for(self, variant: str) -> float:
+        return self.peaks[variant.split("+")[0]]
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
@@ -43,37 +56,53 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return name, [flag for flag in KERNEL_FLAGS if flag in flags]
 
 
-def _gemm_graph(int8: bool) -> bytes:
-    """A @ B with B a constant, as the model's linear layers are: float32, or uint8 x int8 -> int32."""
-    rng = np.random.default_rng(0)
-    side = GEMM_SIDE
-    if int8:
-        weights = rng.integers(-128, 128, (side, side), dtype=np.int8)
-        node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
-        a_type, y_type = TensorProto.UINT8, TensorProto.INT32
-    else:
-        weights = rng.standard_normal((side, side), dtype=np.float32)
-        node = helper.make_node("MatMul", ["a", "b"], ["y"])
-        a_type, y_type = TensorProto.FLOAT, TensorProto.FLOAT
+def _gpu_name() -> str:
+    try:
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+        return query.stdout.splitlines()[0].strip()
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "CUDA device (nvidia-smi did not name it)"
+
+
+def _random_matrix(dtype: type, side: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, (side, side), dtype=dtype, endpoint=True)
+    return rng.standard_normal((side, side), dtype=np.float32).astype(dtype)
+
+
+def _gemm_graph(precision: str, side: int) -> bytes:
+    """A @ B with B a constant, as the model's linear layers are."""
+    op, a_type, y_type, _, weight_dtype = GEMM_TYPES[precision]
+    weights = _random_matrix(weight_dtype, side, seed=0)
     graph = helper.make_graph(
-        [node],
+        [helper.make_node(op, ["a", "b"], ["y"])],
         "gemm",
         [helper.make_tensor_value_info("a", a_type, [side, side])],
         [helper.make_tensor_value_info("y", y_type, [side, side])],
         [numpy_helper.from_array(weights, "b")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    # IR 8 goes with opset 17; the onnx library's newest IR may be past what onnxruntime reads.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model.SerializeToString()
 
 
-def gemm_peak(int8: bool, cores: int, seconds: float) -> float:
-    """Giga-operations per second (a multiply-add is two) over all cores."""
-    rng = np.random.default_rng(1)
-    shape = (GEMM_SIDE, GEMM_SIDE)
-    a = rng.integers(0, 256, shape, dtype=np.uint8) if int8 else rng.standard_normal(shape, dtype=np.float32)
-    runs = runs_per_second(_gemm_graph(int8), {"a": a}, sessions=cores, threads=1, seconds=seconds)
-    return runs * 2 * GEMM_SIDE**3 / 1e9
+def gemm_peak(precision: str, cores: int, seconds: float, provider: str) -> float:
+    """Giga-operations per second (a multiply-add is two): one single-thread session per core on
+    CPU, one session with its input already on the device on CUDA."""
+    device = device_of(provider)
+    side = GEMM_SIDE[device]
+    a = _random_matrix(GEMM_TYPES[precision][3], side, seed=1)
+    sessions = 1 if device == "cuda" else cores
+    runs = runs_per_second(_gemm_graph(precision, side), {"a": a}, sessions, 1, seconds, provider, device_input=True)
+    return runs * 2 * side**3 / 1e9
 
 
-def describe(cores: int, seconds: float) -> Machine:
+def describe(cores: int, seconds: float, provider: str) -> Machine:
     cpu, flags = _cpuinfo()
-    return Machine(cpu, cores, flags, gemm_peak(False, cores, seconds), gemm_peak(True, cores, seconds))
+    device = device_of(provider)
+    peaks = {precision: gemm_peak(precision, cores, seconds, provider) for precision in PEAK_PRECISIONS[device]}
+    return Machine(cpu, cores, flags, _gpu_name() if device == "cuda" else None, peaks)

@@ -6,11 +6,23 @@ import itertools
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from service.runtime import CPU, CUDA
+
+# On a GPU batch size is what pays; on a CPU it barely moves throughput (measured), layout does.
+CPU_BATCHES = (1, 8)
+CUDA_BATCHES = (1, 8, 32, 64, 128)
+
+
+def device_of(provider: str) -> str:
+    """ "cuda" or "cpu": the name the settings, the baseline and the tables use for a provider."""
+    return "cuda" if provider == CUDA else "cpu"
 
 
 @dataclass(frozen=True)
@@ -21,28 +33,54 @@ class Layout:
     images_per_s: float
 
 
-def _session(model: Path | bytes, threads: int) -> ort.InferenceSession:
+def _session(model: Path | bytes, threads: int, provider: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"]
+    session = ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), options, providers=[provider, CPU]
     )
+    if session.get_providers()[0] != provider:
+        raise RuntimeError(f"onnxruntime runs on {session.get_providers()[0]}, not {provider}")
+    return session
+
+
+def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], device_input: bool) -> Callable[[], object]:
+    """One forward pass. On CUDA through IO binding with the outputs left on the device; the input
+    is copied in from host memory on every call as the service's is, or, with device_input, put
+    on the device once (the compute alone: what the GPU could do if the copy were free)."""
+    if session.get_providers()[0] != CUDA:
+        return lambda: session.run(None, feed)
+    binding = session.io_binding()
+    for name, array in feed.items():
+        if device_input:
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        else:
+            binding.bind_cpu_input(name, array)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda")
+    return lambda: session.run_with_iobinding(binding)
 
 
 def runs_per_second(
-    model: Path | bytes, feed: dict[str, np.ndarray], sessions: int, threads: int, seconds: float
+    model: Path | bytes,
+    feed: dict[str, np.ndarray],
+    sessions: int,
+    threads: int,
+    seconds: float,
+    provider: str = CPU,
+    device_input: bool = False,
 ) -> float:
     """Each session runs `feed` back to back in its own thread for `seconds`; runs per second overall."""
-    runners = [_session(model, threads) for _ in range(sessions)]
-    for runner in runners:
-        runner.run(None, feed)  # warm-up
+    runners = [_runner(_session(model, threads, provider), feed, device_input) for _ in range(sessions)]
+    for run in runners:
+        run()  # warm-up
     counts = [0] * sessions
     stop_at = time.perf_counter() + seconds
 
     def loop(index: int) -> None:
         while time.perf_counter() < stop_at:
-            runners[index].run(None, feed)
+            runners[index]()
             counts[index] += 1
 
     started = time.perf_counter()
@@ -55,36 +93,51 @@ def runs_per_second(
 
 
 def _feed(onnx_path: Path, batch: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    name = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    name = ort.InferenceSession(str(onnx_path), providers=[CPU]).get_inputs()[0].name
     return {name: np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)}
 
 
 def measure_layout(
-    onnx_path: Path, input_shape: tuple[int, ...], sessions: int, threads: int, batch: int, seconds: float
+    onnx_path: Path,
+    input_shape: tuple[int, ...],
+    sessions: int,
+    threads: int,
+    batch: int,
+    seconds: float,
+    provider: str = CPU,
+    device_input: bool = False,
 ) -> Layout:
-    runs = runs_per_second(onnx_path, _feed(onnx_path, batch, input_shape), sessions, threads, seconds)
+    feed = _feed(onnx_path, batch, input_shape)
+    runs = runs_per_second(onnx_path, feed, sessions, threads, seconds, provider, device_input)
     return Layout(sessions, threads, batch, runs * batch)
 
 
-def best_layout(onnx_path: Path, input_shape: tuple[int, ...], cores: int, seconds: float) -> list[Layout]:
-    """Every way to split `cores` into sessions x threads, at batch 1 and 8; best first."""
-    splits = [(s, cores // s) for s in range(1, cores + 1) if cores % s == 0]
+def best_layout(
+    onnx_path: Path, input_shape: tuple[int, ...], cores: int, seconds: float, provider: str = CPU
+) -> list[Layout]:
+    """Best first. On CPU every way to split `cores` into sessions x threads, at each CPU batch;
+    on CUDA one session (as the service runs there) at each CUDA batch, input copied from host."""
+    if provider == CUDA:
+        splits, batches = [(1, 1)], CUDA_BATCHES
+    else:
+        splits, batches = [(s, cores // s) for s in range(1, cores + 1) if cores % s == 0], CPU_BATCHES
     layouts = [
-        measure_layout(onnx_path, input_shape, sessions, threads, batch, seconds)
-        for (sessions, threads), batch in itertools.product(splits, (1, 8))
+        measure_layout(onnx_path, input_shape, sessions, threads, batch, seconds, provider)
+        for (sessions, threads), batch in itertools.product(splits, batches)
     ]
     return sorted(layouts, key=lambda layout: -layout.images_per_s)
 
 
-def lone_latency_ms(onnx_path: Path, input_shape: tuple[int, ...], threads: int, runs: int) -> float:
+def lone_latency_ms(
+    onnx_path: Path, input_shape: tuple[int, ...], threads: int, runs: int, provider: str = CPU
+) -> float:
     """Median time of one image through one session with nothing else running: the floor under
     the service's latency at concurrency 1."""
-    session = _session(onnx_path, threads)
-    feed = _feed(onnx_path, 1, input_shape)
-    session.run(None, feed)
+    run = _runner(_session(onnx_path, threads, provider), _feed(onnx_path, 1, input_shape), device_input=False)
+    run()
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        session.run(None, feed)
+        run()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000

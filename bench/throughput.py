@@ -8,13 +8,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+import onnxruntime as ort
 
 from bench.load import Outcome, multipart_upload, wire_closed_loop
 from bench.machine import Machine, describe
-from bench.raw_limit import Layout, best_layout, lone_latency_ms
+from bench.raw_limit import Layout, best_layout, device_of, lone_latency_ms, measure_layout
 from bench.server import run_server, run_uvicorn_process
 from model_export.manifest import Manifest
 from model_export.vit import ViTConfig
+from service.runtime import CUDA, requested_providers
 from service.settings import Settings, available_cores
 
 
@@ -38,8 +40,12 @@ class BenchResult:
     machine: Machine
     multiply_adds: int  # per image
     limit: list[Layout]
+    # CUDA: images/s at the limit's batch with the input already on the GPU (the host copy left out)
+    limit_device_input: float | None
     lone_ms: float  # one image, one session of the service's threads, nothing else running
     http: list[HttpResult]
+    images_per_request: int  # the service's; the baseline takes one image per request
+    skipped_levels: list[int]  # too slow a round trip for the window: see measurable_levels
 
     def best(self, system: str) -> HttpResult:
         return max((r for r in self.http if r.system == system), key=lambda r: r.images_per_s)
@@ -50,8 +56,7 @@ class BenchResult:
     def ratios(self) -> dict[str, float]:
         service, baseline = self.best("service"), self.best("baseline")
         lone_request = min((r for r in self.http if r.system == "service"), key=lambda r: r.concurrency)
-        int8 = self.variant.startswith("int8")
-        peak = self.machine.int8_peak_gops if int8 else self.machine.fp32_peak_gflops
+        peak = self.machine.peak_for(self.variant)
         return {
             "service_over_limit": service.images_per_s / self.limit[0].images_per_s,
             "service_over_baseline": service.images_per_s / baseline.images_per_s,
@@ -61,8 +66,8 @@ class BenchResult:
         }
 
 
-def _load(url: str, image: bytes, clients: int, seconds: float) -> list[Outcome]:
-    return wire_closed_loop(url, multipart_upload(url, "/classify", image), clients, seconds)
+def _load(url: str, images: list[bytes], clients: int, seconds: float) -> list[Outcome]:
+    return wire_closed_loop(url, multipart_upload(url, "/classify", images), clients, seconds)
 
 
 def _batch_totals(client: httpx.Client) -> tuple[float, float]:
@@ -78,16 +83,22 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def measure_http(system: str, url: str, image: bytes, levels: list[int], seconds: float) -> list[HttpResult]:
+def measure_http(
+    system: str, url: str, images: list[bytes], levels: list[int], seconds: float, limit_per_s: float
+) -> list[HttpResult]:
+    """Closed-loop load at each level; figures from the requests that finish inside a `seconds`
+    window opened once the loop has had a round trip to settle (about clients / limit)."""
     # The load generator runs in its own process, so its Python work is not the server's.
     context = multiprocessing.get_context("spawn")
     results = []
     with httpx.Client(base_url=url, timeout=60) as client, context.Pool(1) as pool:
-        _load(url, image, 2, 1.0)  # warm the path
+        _load(url, images, 2, 1.0)  # warm the path
         for clients in levels:
+            settle_s = max(0.5, 1.5 * clients * len(images) / limit_per_s)
             before = _batch_totals(client) if system == "service" else None
-            outcomes = pool.apply(_load, (url, image, clients, seconds))
-            ok = [o for o in outcomes if o.status == 200]
+            outcomes = pool.apply(_load, (url, images, clients, settle_s + seconds))
+            opened = min(o.started for o in outcomes) + settle_s
+            ok = [o for o in outcomes if o.status == 200 and opened <= o.started + o.latency_s <= opened + seconds]
             latencies = [o.latency_s * 1000 for o in ok]
             mean_batch = None
             if before is not None:
@@ -97,32 +108,67 @@ def measure_http(system: str, url: str, image: bytes, levels: list[int], seconds
                 HttpResult(
                     system,
                     clients,
-                    len(ok) / seconds,
+                    len(ok) * len(images) / seconds,
                     _percentile(latencies, 50),
                     _percentile(latencies, 95),
                     _percentile(latencies, 99),
                     mean_batch,
-                    len(outcomes) - len(ok),
+                    sum(o.status != 200 for o in outcomes),
                 )
             )
     return results
 
 
-def run_bench(model_dir: Path, image: bytes, levels: list[int], seconds: float) -> BenchResult:
+def measurable_levels(levels: list[int], limit_per_s: float, seconds: float) -> list[int]:
+    """The levels whose round trip (clients / limit) fits a window of `seconds` at least twice."""
+    return [clients for clients in levels if clients == min(levels) or clients / limit_per_s <= seconds / 2]
+
+
+def run_bench(
+    model_dir: Path, image: bytes, levels: list[int], seconds: float, device: str = "auto", images_per_request: int = 1
+) -> BenchResult:
+    """device: "auto" (CUDA when onnxruntime has it), "cpu" or "cuda", as the service's VIT_PROVIDERS."""
     manifest = Manifest.read(model_dir)
     prep = manifest.preprocessing
     shape = (prep.channels, prep.image_size, prep.image_size)
     onnx_path = model_dir / manifest.onnx_file
+    provider = requested_providers(device, ort.get_available_providers())[0]
     cores = available_cores()
-    machine = describe(cores, seconds)
-    limit = best_layout(onnx_path, shape, cores, seconds)
-    lone_ms = lone_latency_ms(onnx_path, shape, Settings().intra_op_threads, runs=max(5, int(seconds * 10)))
-    with run_server(model_dir, max_queue_images=max(256, 4 * max(levels))) as server:
-        service = measure_http("service", server.url, image, levels, seconds)
+    machine = describe(cores, seconds, provider)
+    limit = best_layout(onnx_path, shape, cores, seconds, provider)
+    best = limit[0]
+    on_device = None
+    if provider == CUDA:
+        on_device = measure_layout(onnx_path, shape, 1, 1, best.batch, seconds, provider, device_input=True)
+    threads = Settings().intra_op_threads
+    lone_ms = lone_latency_ms(onnx_path, shape, threads, runs=max(5, int(seconds * 10)), provider=provider)
+    measured = measurable_levels(levels, best.images_per_s / images_per_request, seconds)
+    server_settings: dict[str, object] = {
+        "providers": device_of(provider),
+        "require_requested_provider": True,
+        "max_queue_images": max(256, 4 * max(measured) * images_per_request),
+    }
+    if provider == CUDA:
+        # Batches still form with no wait: images gather while the GPU runs the one before.
+        server_settings["max_batch_size"] = best.batch
+    with run_server(model_dir, **server_settings) as server:
+        uploads = [image] * images_per_request
+        service = measure_http("service", server.url, uploads, measured, seconds, best.images_per_s)
         server.stop()
-    with run_uvicorn_process(["-m", "bench.baseline_server", "--model", str(model_dir)]) as baseline_server:
-        baseline = measure_http("baseline", baseline_server.url, image, levels, seconds)
+    baseline_args = ["-m", "bench.baseline_server", "--model", str(model_dir), "--device", device_of(provider)]
+    with run_uvicorn_process(baseline_args) as baseline_server:
+        baseline = measure_http("baseline", baseline_server.url, [image], measured, seconds, best.images_per_s)
     multiply_adds = ViTConfig(**manifest.config).multiply_adds()  # type: ignore[arg-type]
     return BenchResult(
-        manifest.name, manifest.variant, len(image), machine, multiply_adds, limit, lone_ms, service + baseline
+        manifest.name,
+        manifest.variant,
+        len(image),
+        machine,
+        multiply_adds,
+        limit,
+        on_device.images_per_s if on_device else None,
+        lone_ms,
+        service + baseline,
+        images_per_request,
+        [level for level in levels if level not in measured],
     )

@@ -15,8 +15,15 @@ MAX_ACCURACY_DROP_POINTS = 0.5
 MIN_TOP1_AGREEMENT = 0.99
 
 
+def _gate_providers() -> list[str]:
+    # The fp16 variant is for GPUs: judge it where it runs when there is one. Named, not every
+    # available provider: TensorRT, listed first by onnxruntime-gpu, is not what the service runs.
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 def _predictions(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(onnx_path), providers=ort.get_available_providers())
+    session = ort.InferenceSession(str(onnx_path), providers=_gate_providers())
     logits = [session.run([LOGITS_NAME], {INPUT_NAME: batch[i : i + 500]})[0] for i in range(0, len(batch), 500)]
     return np.concatenate(logits).argmax(axis=1)
 
@@ -35,6 +42,7 @@ def fashion_mnist_gate(fp32_path: Path, variant_path: Path, manifest: Manifest, 
     return {
         "variant": variant,
         "dataset": "Fashion-MNIST test split (10,000 images)",
+        "provider": _gate_providers()[0],
         "fp32_accuracy": fp32_accuracy,
         "variant_accuracy": variant_accuracy,
         "drop_points": round(drop, 3),

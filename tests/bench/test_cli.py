@@ -18,10 +18,11 @@ def _bench(*args: object) -> str:
 
 
 def test_run_measures_the_limit_the_service_and_the_baseline(tmp_path):
-    out = _bench("run", "--seconds", "0.5", "--concurrency", "1,4", "--out", tmp_path)
+    out = _bench("run", "--seconds", "0.5", "--concurrency", "1,4", "--images-per-request", "2", "--out", tmp_path)
     result = json.loads((tmp_path / "fashion-mnist-vit.json").read_text())
     assert (tmp_path / "fashion-mnist-vit.png").stat().st_size > 10_000
-    assert result["machine"]["fp32_peak_gflops"] > 0 and result["machine"]["int8_peak_gops"] > 0
+    assert result["machine"]["peaks"]["fp32"] > 0 and result["machine"]["peaks"]["int8"] > 0
+    assert result["machine"]["gpu"] is None and result["limit_device_input"] is None
     assert [(r["system"], r["concurrency"]) for r in result["http"]] == [
         ("service", 1),
         ("service", 4),
@@ -30,6 +31,7 @@ def test_run_measures_the_limit_the_service_and_the_baseline(tmp_path):
     ]
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in result["http"])
     assert all(r["mean_batch"] >= 1 for r in result["http"] if r["system"] == "service")
+    assert result["images_per_request"] == 2
     ratios = result["ratios"]
     assert ratios["service_over_limit"] > 0 and ratios["service_over_baseline"] > 0
     assert 0 < ratios["limit_over_peak"] < 1.5 and result["lone_ms"] > 0

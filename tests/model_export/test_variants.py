@@ -42,6 +42,7 @@ def test_the_variant_passes_its_gate_and_the_manifest_records_it(variant_model):
     assert manifest.variant == gate["variant"] == variant and gate["passed"]
     assert gate["drop_points"] <= 0.5 and gate["top1_agreement"] >= 0.99
     assert gate["variant_accuracy"] >= 0.89
+    assert gate["provider"] == "CPUExecutionProvider"  # where the gate ran: CUDA when there is one
     ops = {node.op_type for node in onnx.load(str(folder / "model.onnx")).graph.node}
     assert ops & set(VARIANTS[variant][1].split("|")), ops
     if variant.startswith("fp16"):
