@@ -37,9 +37,8 @@ def _session(model: Path | bytes, threads: int, provider: str) -> ort.InferenceS
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model), options, providers=[provider, CPU]
-    )
+    providers = [provider] if provider == CPU else [provider, CPU]
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
     if session.get_providers()[0] != provider:
         raise RuntimeError(f"onnxruntime runs on {session.get_providers()[0]}, not {provider}")
     return session
