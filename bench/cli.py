@@ -9,19 +9,17 @@ import os
 import sys
 from pathlib import Path
 
-import onnxruntime as ort
 from PIL import Image
 
 from bench.explain_cost import measure
 from bench.machine import Machine
 from bench.plot import plot_result
 from bench.preprocess_speed import measure as measure_preprocessing
-from bench.raw_limit import best_layout, device_of
+from bench.raw_limit import best_layout, device_of, provider_for
 from bench.reproduce import export_bench_models, summary_table
 from bench.soak import soak
 from bench.throughput import BenchResult, run_bench
 from model_export.manifest import Manifest
-from service.runtime import requested_providers
 from service.settings import DEFAULT_MODEL_DIR, available_cores
 
 
@@ -110,7 +108,7 @@ def run_command(args: argparse.Namespace) -> int:
 def reproduce_command(args: argparse.Namespace) -> int:
     """Export the device's bench models (random weights: speed does not depend on them) and bench
     each; then one summary table."""
-    device = device_of(requested_providers(args.device, ort.get_available_providers())[0])
+    device = device_of(provider_for(args.device))
     results = []
     for model_dir in export_bench_models(args.out / "models", device):
         side = Manifest.read(model_dir).preprocessing.resize_size
@@ -124,7 +122,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
 
 def variants_command(args: argparse.Namespace) -> int:
     """The raw limit of each exported variant on this machine; the fastest is the one to serve."""
-    provider = requested_providers(args.device, ort.get_available_providers())[0]
+    provider = provider_for(args.device)
     results = []
     for model_dir in args.models:
         manifest = Manifest.read(model_dir)

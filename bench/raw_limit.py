@@ -13,11 +13,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime import CPU, CUDA
+from service.runtime import CPU, CUDA, requested_providers
 
 # On a GPU batch size is what pays; on a CPU it barely moves throughput (measured), layout does.
 CPU_BATCHES = (1, 8)
 CUDA_BATCHES = (1, 8, 32, 64, 128)
+
+
+def provider_for(device: str) -> str:
+    """The provider a `--device` choice (auto, cpu, cuda) runs on, picked as VIT_PROVIDERS picks it."""
+    return requested_providers(device, ort.get_available_providers())[0]
 
 
 def device_of(provider: str) -> str:
@@ -44,18 +49,19 @@ def _session(model: Path | bytes, threads: int, provider: str) -> ort.InferenceS
     return session
 
 
-def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], device_input: bool) -> Callable[[], object]:
-    """One forward pass. On CUDA through IO binding with the outputs left on the device; the input
-    is copied in from host memory on every call as the service's is, or, with device_input, put
-    on the device once (the compute alone: what the GPU could do if the copy were free)."""
+def _runner(session: ort.InferenceSession, data: np.ndarray, device_input: bool) -> Callable[[], object]:
+    """One forward pass on `data`, the graph's one input. On CUDA through IO binding with the
+    outputs left on the device; the input is copied in from host memory on every call as the
+    service's is, or, with device_input, put on the device once (the compute alone: what the GPU
+    could do if the copy were free)."""
+    name = session.get_inputs()[0].name
     if session.get_providers()[0] != CUDA:
-        return lambda: session.run(None, feed)
+        return lambda: session.run(None, {name: data})
     binding = session.io_binding()
-    for name, array in feed.items():
-        if device_input:
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-        else:
-            binding.bind_cpu_input(name, array)
+    if device_input:
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(data, "cuda", 0))
+    else:
+        binding.bind_cpu_input(name, data)
     for output in session.get_outputs():
         binding.bind_output(output.name, "cuda")
     return lambda: session.run_with_iobinding(binding)
@@ -63,15 +69,15 @@ def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], device_i
 
 def runs_per_second(
     model: Path | bytes,
-    feed: dict[str, np.ndarray],
+    data: np.ndarray,
     sessions: int,
     threads: int,
     seconds: float,
     provider: str = CPU,
     device_input: bool = False,
 ) -> float:
-    """Each session runs `feed` back to back in its own thread for `seconds`; runs per second overall."""
-    runners = [_runner(_session(model, threads, provider), feed, device_input) for _ in range(sessions)]
+    """Each session runs `data` back to back in its own thread for `seconds`; runs per second overall."""
+    runners = [_runner(_session(model, threads, provider), data, device_input) for _ in range(sessions)]
     for run in runners:
         run()  # warm-up
     counts = [0] * sessions
@@ -91,9 +97,8 @@ def runs_per_second(
     return sum(counts) / (time.perf_counter() - started)
 
 
-def _feed(onnx_path: Path, batch: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    name = ort.InferenceSession(str(onnx_path), providers=[CPU]).get_inputs()[0].name
-    return {name: np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)}
+def _random_batch(batch: int, input_shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
 
 
 def measure_layout(
@@ -106,8 +111,8 @@ def measure_layout(
     provider: str = CPU,
     device_input: bool = False,
 ) -> Layout:
-    feed = _feed(onnx_path, batch, input_shape)
-    runs = runs_per_second(onnx_path, feed, sessions, threads, seconds, provider, device_input)
+    data = _random_batch(batch, input_shape)
+    runs = runs_per_second(onnx_path, data, sessions, threads, seconds, provider, device_input)
     return Layout(sessions, threads, batch, runs * batch)
 
 
@@ -132,7 +137,7 @@ def lone_latency_ms(
 ) -> float:
     """Median time of one image through one session with nothing else running: the floor under
     the service's latency at concurrency 1."""
-    run = _runner(_session(onnx_path, threads, provider), _feed(onnx_path, 1, input_shape), device_input=False)
+    run = _runner(_session(onnx_path, threads, provider), _random_batch(1, input_shape), device_input=False)
     run()
     times = []
     for _ in range(runs):

@@ -8,15 +8,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-import onnxruntime as ort
 
 from bench.load import Outcome, multipart_upload, wire_closed_loop
 from bench.machine import Machine, describe
-from bench.raw_limit import Layout, best_layout, device_of, lone_latency_ms, measure_layout
+from bench.raw_limit import Layout, best_layout, device_of, lone_latency_ms, measure_layout, provider_for
 from bench.server import run_server, run_uvicorn_process
 from model_export.manifest import Manifest
 from model_export.vit import ViTConfig
-from service.runtime import CUDA, requested_providers
+from service.runtime import CUDA
 from service.settings import Settings, available_cores
 
 
@@ -132,7 +131,7 @@ def run_bench(
     prep = manifest.preprocessing
     shape = (prep.channels, prep.image_size, prep.image_size)
     onnx_path = model_dir / manifest.onnx_file
-    provider = requested_providers(device, ort.get_available_providers())[0]
+    provider = provider_for(device)
     cores = available_cores()
     machine = describe(cores, seconds, provider)
     limit = best_layout(onnx_path, shape, cores, seconds, provider)
