@@ -97,7 +97,7 @@ def gemm_peak(precision: str, cores: int, seconds: float, provider: str) -> floa
     side = GEMM_SIDE[device]
     a = _random_matrix(GEMM_TYPES[precision][3], side, seed=1)
     sessions = 1 if device == "cuda" else cores
-    runs = runs_per_second(_gemm_graph(precision, side), a, sessions, 1, seconds, provider, device_input=True)
+    runs = runs_per_second(_gemm_graph(precision, side), {"a": a}, sessions, 1, seconds, provider, device_input=True)
     return runs * 2 * side**3 / 1e9
 
 

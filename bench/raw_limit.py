@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from model_export.manifest import PIXEL_VALUES_NAME, PIXELS_NAME
 from service.runtime import CPU, CUDA, requested_providers
 
 # On a GPU batch size is what pays; on a CPU it barely moves throughput (measured), layout does.
@@ -49,19 +50,22 @@ def _session(model: Path | bytes, threads: int, provider: str) -> ort.InferenceS
     return session
 
 
-def _runner(session: ort.InferenceSession, data: np.ndarray, device_input: bool) -> Callable[[], object]:
-    """One forward pass on `data`, the graph's one input. On CUDA through IO binding with the
-    outputs left on the device; the input is copied in from host memory on every call as the
-    service's is, or, with device_input, put on the device once (the compute alone: what the GPU
+Feeds = dict[str, np.ndarray]
+
+
+def _runner(session: ort.InferenceSession, feeds: Feeds, device_input: bool) -> Callable[[], object]:
+    """One forward pass on `feeds`, one array per graph input. On CUDA through IO binding with the
+    outputs left on the device; the inputs are copied in from host memory on every call as the
+    service's are, or, with device_input, put on the device once (the compute alone: what the GPU
     could do if the copy were free)."""
-    name = session.get_inputs()[0].name
     if session.get_providers()[0] != CUDA:
-        return lambda: session.run(None, {name: data})
+        return lambda: session.run(None, feeds)
     binding = session.io_binding()
-    if device_input:
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(data, "cuda", 0))
-    else:
-        binding.bind_cpu_input(name, data)
+    for name, data in feeds.items():
+        if device_input:
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(data, "cuda", 0))
+        else:
+            binding.bind_cpu_input(name, data)
     for output in session.get_outputs():
         binding.bind_output(output.name, "cuda")
     return lambda: session.run_with_iobinding(binding)
@@ -69,15 +73,15 @@ def _runner(session: ort.InferenceSession, data: np.ndarray, device_input: bool)
 
 def runs_per_second(
     model: Path | bytes,
-    data: np.ndarray,
+    feeds: Feeds,
     sessions: int,
     threads: int,
     seconds: float,
     provider: str = CPU,
     device_input: bool = False,
 ) -> float:
-    """Each session runs `data` back to back in its own thread for `seconds`; runs per second overall."""
-    runners = [_runner(_session(model, threads, provider), data, device_input) for _ in range(sessions)]
+    """Each session runs `feeds` back to back in its own thread for `seconds`; runs per second overall."""
+    runners = [_runner(_session(model, threads, provider), feeds, device_input) for _ in range(sessions)]
     for run in runners:
         run()  # warm-up
     counts = [0] * sessions
@@ -97,13 +101,18 @@ def runs_per_second(
     return sum(counts) / (time.perf_counter() - started)
 
 
-def _random_batch(batch: int, input_shape: tuple[int, ...]) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+def model_feeds(batch: int, pixel_shape: tuple[int, int, int]) -> Feeds:
+    """A batch of random uint8 images as the service sends them, and no pre-normalised rows."""
+    height, width, channels = pixel_shape
+    return {
+        PIXELS_NAME: np.random.default_rng(0).integers(0, 256, (batch, *pixel_shape), dtype=np.uint8),
+        PIXEL_VALUES_NAME: np.empty((0, channels, height, width), dtype=np.float32),
+    }
 
 
 def measure_layout(
     onnx_path: Path,
-    input_shape: tuple[int, ...],
+    pixel_shape: tuple[int, int, int],
     sessions: int,
     threads: int,
     batch: int,
@@ -111,13 +120,13 @@ def measure_layout(
     provider: str = CPU,
     device_input: bool = False,
 ) -> Layout:
-    data = _random_batch(batch, input_shape)
-    runs = runs_per_second(onnx_path, data, sessions, threads, seconds, provider, device_input)
+    feeds = model_feeds(batch, pixel_shape)
+    runs = runs_per_second(onnx_path, feeds, sessions, threads, seconds, provider, device_input)
     return Layout(sessions, threads, batch, runs * batch)
 
 
 def best_layout(
-    onnx_path: Path, input_shape: tuple[int, ...], cores: int, seconds: float, provider: str = CPU
+    onnx_path: Path, pixel_shape: tuple[int, int, int], cores: int, seconds: float, provider: str = CPU
 ) -> list[Layout]:
     """Best first. On CPU every way to split `cores` into sessions x threads, at each CPU batch;
     on CUDA one session (as the service runs there) at each CUDA batch, input copied from host."""
@@ -126,18 +135,18 @@ def best_layout(
     else:
         splits, batches = [(s, cores // s) for s in range(1, cores + 1) if cores % s == 0], CPU_BATCHES
     layouts = [
-        measure_layout(onnx_path, input_shape, sessions, threads, batch, seconds, provider)
+        measure_layout(onnx_path, pixel_shape, sessions, threads, batch, seconds, provider)
         for (sessions, threads), batch in itertools.product(splits, batches)
     ]
     return sorted(layouts, key=lambda layout: -layout.images_per_s)
 
 
 def lone_latency_ms(
-    onnx_path: Path, input_shape: tuple[int, ...], threads: int, runs: int, provider: str = CPU
+    onnx_path: Path, pixel_shape: tuple[int, int, int], threads: int, runs: int, provider: str = CPU
 ) -> float:
     """Median time of one image through one session with nothing else running: the floor under
     the service's latency at concurrency 1."""
-    run = _runner(_session(onnx_path, threads, provider), _random_batch(1, input_shape), device_input=False)
+    run = _runner(_session(onnx_path, threads, provider), model_feeds(1, pixel_shape), device_input=False)
     run()
     times = []
     for _ in range(runs):

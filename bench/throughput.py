@@ -129,7 +129,7 @@ def run_bench(
     """device: "auto" (CUDA when onnxruntime has it), "cpu" or "cuda", as the service's VIT_PROVIDERS."""
     manifest = Manifest.read(model_dir)
     prep = manifest.preprocessing
-    shape = (prep.channels, prep.image_size, prep.image_size)
+    shape = (prep.image_size, prep.image_size, prep.channels)
     onnx_path = model_dir / manifest.onnx_file
     provider = provider_for(device)
     cores = available_cores()

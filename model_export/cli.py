@@ -38,6 +38,10 @@ def _random_init(preset_name: str, img_size: int | None, seed: int) -> ImportedC
     return ImportedCheckpoint(model, "random-init", labels, preprocessing, Path(f"random-init-seed{seed}"), "")
 
 
+def _rows(check: dict[str, int]) -> str:
+    return f"{check['batch']} uint8 images + {check['tensor_batch']} normalised tensors"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vit-export",
@@ -136,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     print("verified: onnx.checker passed")
     for check in manifest.verification["batches"]:  # type: ignore[attr-defined]
         print(
-            f"verified: batch {check['batch']}: max |ORT - PyTorch| = {check['max_abs_diff']:.2e} "
+            f"verified: {_rows(check)}: max |ORT - PyTorch| = {check['max_abs_diff']:.2e} "
             f"(<= {manifest.verification['tolerance']}), top-1 agreement {check['top1_agreement']:.0%}"
         )
     for check in manifest.verification.get("variant_batches", []):  # type: ignore[attr-defined]
         print(
-            f"{manifest.variant}: batch {check['batch']}: max |ORT - PyTorch fp32| = {check['max_abs_diff']:.2e}, "
+            f"{manifest.variant}: {_rows(check)}: max |ORT - PyTorch fp32| = {check['max_abs_diff']:.2e}, "
             f"top-1 agreement {check['top1_agreement']:.0%}"
         )
     if "variant_gate" in manifest.verification:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             f"agreement {gate['top1_agreement']:.2%}"  # type: ignore[index]
         )
     for check in manifest.verification.get("explain_batches", []):  # type: ignore[attr-defined]
-        print(f"verified: explain graph, batch {check['batch']}: max |ORT - PyTorch| = {check['max_abs_diff']:.2e}")
+        print(f"verified: explain graph, {_rows(check)}: max |ORT - PyTorch| = {check['max_abs_diff']:.2e}")
     print(f"wrote {args.out / manifest.onnx_file} (sha256 {manifest.onnx_sha256}) and manifest.json")
     if manifest.explain_onnx_file:
         print(f"wrote {args.out / manifest.explain_onnx_file} (sha256 {manifest.explain_onnx_sha256})")

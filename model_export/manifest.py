@@ -14,17 +14,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_METADATA_KEY = "vit_serve.manifest"
-FORMAT_VERSION = 1
+# 2: the graph takes uint8 pixels and normalises them itself (1 took normalised float32 only).
+FORMAT_VERSION = 2
 
 # Graph names, used both to name the ONNX inputs/outputs and to declare their dynamic axes.
-INPUT_NAME = "pixel_values"
+# Every graph takes both inputs and answers one row per image: the `pixels` rows first, then the
+# `pixel_values` rows. A caller with only one kind feeds the other with a batch of 0.
+PIXELS_NAME = "pixels"  # uint8 (batch, H, W, C): resized and cropped; the graph casts and normalises
+PIXEL_VALUES_NAME = "pixel_values"  # float32 (tensor_batch, C, H, W), already normalised
+INPUT_NAMES = [PIXELS_NAME, PIXEL_VALUES_NAME]
 LOGITS_NAME = "logits"
-# The explain graph's extra outputs: (batch, grid, grid) maps of where the [class] token looked.
+EMBEDDING_NAME = "embedding"  # (rows, D): the pooled feature the head reads, after the final norm
+OUTPUT_NAMES = [LOGITS_NAME, EMBEDDING_NAME]
+# The explain graph's extra outputs: (rows, grid, grid) maps of where the [class] token looked.
 LAST_LAYER_ATTENTION_NAME = "cls_attention_last_layer"
 ROLLOUT_ATTENTION_NAME = "cls_attention_rollout"
-EXPLAIN_OUTPUT_NAMES = [LOGITS_NAME, LAST_LAYER_ATTENTION_NAME, ROLLOUT_ATTENTION_NAME]
+EXPLAIN_OUTPUT_NAMES = [*OUTPUT_NAMES, LAST_LAYER_ATTENTION_NAME, ROLLOUT_ATTENTION_NAME]
 EXPLAIN_ONNX_FILE = "model_explain.onnx"
-BATCH_AXIS = "batch"
+BATCH_AXES = {PIXELS_NAME: "batch", PIXEL_VALUES_NAME: "tensor_batch"}
+ROWS_AXIS = "rows"  # batch + tensor_batch
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 
@@ -77,8 +85,8 @@ class Manifest(BaseModel):
     labels: list[str]
     preprocessing: Preprocessing
     pooling: Literal["token", "avg"]
-    input_name: str = INPUT_NAME
-    output_names: list[str] = [LOGITS_NAME]
+    input_names: list[str] = INPUT_NAMES
+    output_names: list[str] = OUTPUT_NAMES
     opset: int
     variant: str = "fp32"
     config: dict[str, object]

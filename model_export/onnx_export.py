@@ -21,22 +21,28 @@ from model_export.fused_attention import CONTRIB_DOMAIN, with_fused_attention
 from model_export.gate import fashion_mnist_gate
 from model_export.half_precision import to_fp16_in_place
 from model_export.manifest import (
-    BATCH_AXIS,
+    BATCH_AXES,
     EXPLAIN_ONNX_FILE,
     EXPLAIN_OUTPUT_NAMES,
-    INPUT_NAME,
-    LOGITS_NAME,
+    INPUT_NAMES,
     MANIFEST_FILENAME,
     MANIFEST_METADATA_KEY,
+    OUTPUT_NAMES,
+    PIXEL_VALUES_NAME,
+    PIXELS_NAME,
+    ROWS_AXIS,
     Manifest,
+    Preprocessing,
 )
 from model_export.quantize import quantize_in_place
-from model_export.vit import VisionTransformer, class_token_attention
+from model_export.vit import VisionTransformer, ViTConfig, class_token_attention
 
 DEFAULT_OPSET = 17
-TRACE_BATCH = 2
-# Batch 1, the traced batch, an odd size, and a larger one that was never traced.
-VERIFY_BATCHES = (1, TRACE_BATCH, 3, 8)
+# (pixels rows, pixel_values rows) traced: different sizes, so the tracer cannot tie the two axes.
+TRACE_BATCHES = (2, 1)
+# Pixels alone at batch 1, the traced batch, an odd size and a larger one never traced; then
+# both inputs at once, and already-normalised rows alone.
+VERIFY_BATCHES = ((1, 0), (2, 0), (3, 0), (8, 0), (2, 1), (0, 2))
 FP32_TOLERANCE = 1e-4
 
 Precision = Literal["fp32", "int8", "fp16"]
@@ -50,34 +56,67 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchCheck:
-    batch: int
-    max_abs_diff: float
+    batch: int  # uint8 pixel rows
+    tensor_batch: int  # already-normalised rows
+    max_abs_diff: float  # over every output
     top1_agreement: float
 
 
 class _Graph(nn.Module):
-    """What is traced: logits, and with explain=True also the [class] token's attention maps."""
+    """What is traced: uint8 pixels normalised in the graph, then joined by already-normalised
+    rows; out come the logits and the embedding, and with explain=True the [class] token's
+    attention maps."""
 
-    def __init__(self, model: VisionTransformer, explain: bool) -> None:
+    def __init__(self, model: VisionTransformer, preprocessing: Preprocessing, explain: bool) -> None:
         super().__init__()
         self.model = model
         self.explain = explain
+        std = torch.tensor(preprocessing.std).reshape(1, -1, 1, 1)
+        mean = torch.tensor(preprocessing.mean).reshape(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add per channel.
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std))
+        self.register_buffer("pixel_shift", -mean / std)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, pixels: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = pixels.permute(0, 3, 1, 2).float() * self.pixel_scale + self.pixel_shift  # (B, C, H, W)
+        x = torch.cat([x, pixel_values], dim=0)  # (B + B2, C, H, W)
         if not self.explain:
-            return (self.model(pixel_values),)
-        features, attentions = self.model.forward_features_with_attention(pixel_values)
+            features = self.model.forward_features(x)
+            return self.model.forward_head(features), self.model.forward_head(features, pre_logits=True)
+        features, attentions = self.model.forward_features_with_attention(x)
         last_layer, rollout = class_token_attention(attentions, self.model.cfg.grid_size)
-        return self.model.forward_head(features), last_layer, rollout
+        return (
+            self.model.forward_head(features),
+            self.model.forward_head(features, pre_logits=True),
+            last_layer,
+            rollout,
+        )
 
 
 def output_names(explain: bool) -> list[str]:
-    return EXPLAIN_OUTPUT_NAMES if explain else [LOGITS_NAME]
+    return EXPLAIN_OUTPUT_NAMES if explain else OUTPUT_NAMES
+
+
+def random_inputs(
+    cfg: ViTConfig, batch: int, tensor_batch: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 pixels (batch, H, W, C) and normalised-looking float rows (tensor_batch, C, H, W)."""
+    side = cfg.img_size
+    pixels = torch.randint(0, 256, (batch, side, side, cfg.in_chans), dtype=torch.uint8, generator=generator)
+    return pixels, torch.randn(tensor_batch, cfg.in_chans, side, side, generator=generator)
+
+
+def normalise(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """The textbook (x / 255 - mean) / std in (B, C, H, W): what the graph must compute itself."""
+    mean = torch.tensor(preprocessing.mean).reshape(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std).reshape(1, -1, 1, 1)
+    return (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
 def export_onnx(
     model: VisionTransformer,
     onnx_path: Path,
+    preprocessing: Preprocessing,
     opset: int = DEFAULT_OPSET,
     explain: bool = False,
     fused_attention: bool = False,
@@ -88,8 +127,7 @@ def export_onnx(
     which must output the attention weights the operator keeps to itself)."""
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
-    cfg = model.cfg
-    dummy = torch.randn(TRACE_BATCH, cfg.in_chans, cfg.img_size, cfg.img_size)
+    dummy = random_inputs(model.cfg, *TRACE_BATCHES, torch.Generator().manual_seed(0))
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, but its graphs are the
@@ -98,12 +136,15 @@ def export_onnx(
         warnings.simplefilter("ignore", category=FutureWarning)
         names = output_names(explain)
         torch.onnx.export(
-            _Graph((with_fused_attention(model) if fused_attention else model).eval(), explain),
-            (dummy,),
+            _Graph((with_fused_attention(model) if fused_attention else model).eval(), preprocessing, explain),
+            dummy,
             str(onnx_path),
-            input_names=[INPUT_NAME],
+            input_names=INPUT_NAMES,
             output_names=names,
-            dynamic_axes={name: {0: BATCH_AXIS} for name in [INPUT_NAME, *names]},
+            dynamic_axes={
+                **{name: {0: axis} for name, axis in BATCH_AXES.items()},
+                **dict.fromkeys(names, {0: ROWS_AXIS}),
+            },
             opset_version=opset,
             do_constant_folding=True,
             custom_opsets={CONTRIB_DOMAIN: 1} if fused_attention else None,
@@ -119,25 +160,36 @@ def _embed_manifest(onnx_path: Path, manifest: Manifest) -> None:
 
 
 def verify_onnx(
-    model: VisionTransformer, onnx_path: Path, tolerance: float = FP32_TOLERANCE, explain: bool = False
+    model: VisionTransformer,
+    onnx_path: Path,
+    preprocessing: Preprocessing,
+    tolerance: float = FP32_TOLERANCE,
+    explain: bool = False,
 ) -> list[BatchCheck]:
-    """onnx.checker, then ONNX Runtime against PyTorch on random input at each of VERIFY_BATCHES."""
+    """onnx.checker, then ONNX Runtime against PyTorch on random input at each of VERIFY_BATCHES:
+    uint8 pixels into the graph, the same pixels normalised outside it into PyTorch."""
     try:
         onnx.checker.check_model(str(onnx_path), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected {onnx_path}: {exc}") from exc
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    input_shape = session.get_inputs()[0].shape
-    if not isinstance(input_shape[0], str):
-        raise ExportError(f"batch axis is not dynamic: input shape {input_shape}")
-    cfg = model.cfg
+    for graph_input in session.get_inputs():
+        if not isinstance(graph_input.shape[0], str):
+            raise ExportError(f"batch axis is not dynamic: {graph_input.name} has shape {graph_input.shape}")
     generator = torch.Generator().manual_seed(0)
     checks = []
-    for batch in VERIFY_BATCHES:
-        x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)
+    for batch, tensor_batch in VERIFY_BATCHES:
+        pixels, tensors = random_inputs(model.cfg, batch, tensor_batch, generator)
         with torch.no_grad():
-            expected = [t.numpy() for t in _Graph(model.eval(), explain)(x)]
-        actual = session.run(output_names(explain), {INPUT_NAME: x.numpy()})
+            x = torch.cat([normalise(pixels, preprocessing), tensors])
+            if explain:
+                features, attentions = model.eval().forward_features_with_attention(x)
+                maps = class_token_attention(attentions, model.cfg.grid_size)
+            else:
+                features, maps = model.eval().forward_features(x), ()
+            reference = [model.forward_head(features), model.forward_head(features, pre_logits=True), *maps]
+        expected = [t.numpy() for t in reference]
+        actual = session.run(output_names(explain), {PIXELS_NAME: pixels.numpy(), PIXEL_VALUES_NAME: tensors.numpy()})
         diff = 0.0
         for name, got, want in zip(output_names(explain), actual, expected, strict=True):
             if got.shape != want.shape:
@@ -145,8 +197,10 @@ def verify_onnx(
             diff = max(diff, float(np.abs(got - want).max()))
         agreement = float((actual[0].argmax(1) == expected[0].argmax(1)).mean())
         if not diff <= tolerance:  # written so that NaN fails too
-            raise ExportError(f"batch {batch}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}")
-        checks.append(BatchCheck(batch, diff, agreement))
+            raise ExportError(
+                f"batch {batch} + {tensor_batch}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}"
+            )
+        checks.append(BatchCheck(batch, tensor_batch, diff, agreement))
     return checks
 
 
@@ -178,9 +232,14 @@ def write_artifact(
     }
     for filename, with_maps in graphs.items():
         export_onnx(
-            model, out_dir / filename, opset, explain=with_maps, fused_attention=fused_attention and not with_maps
+            model,
+            out_dir / filename,
+            manifest.preprocessing,
+            opset,
+            explain=with_maps,
+            fused_attention=fused_attention and not with_maps,
         )
-        checks = verify_onnx(model, out_dir / filename, explain=with_maps)
+        checks = verify_onnx(model, out_dir / filename, manifest.preprocessing, explain=with_maps)
         verification["explain_batches" if with_maps else "batches"] = [check.__dict__ for check in checks]
     if precision != "fp32":
         fp32_copy = out_dir / "model.fp32.onnx"
@@ -190,7 +249,8 @@ def write_artifact(
                 PRECISION_PASSES[precision](out_dir / filename)
             # Not held to the fp32 tolerance: recorded, and judged by the gate.
             verification["variant_batches"] = [
-                c.__dict__ for c in verify_onnx(model, out_dir / manifest.onnx_file, tolerance=math.inf)
+                c.__dict__
+                for c in verify_onnx(model, out_dir / manifest.onnx_file, manifest.preprocessing, tolerance=math.inf)
             ]
             if gate == "fashion-mnist":
                 verification["variant_gate"] = figures = fashion_mnist_gate(

@@ -195,12 +195,13 @@ class VisionTransformer(nn.Module):
             attentions.append(weights)
         return self.norm(x), attentions  # type: ignore[return-value]
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits (B, num_classes), or with pre_logits the pooled feature the head reads (B, D)."""
         if self.cfg.pool == "token":
             pooled = features[:, 0]  # the [class] token's output is the image summary, (B, D)
         else:
             pooled = features[:, self.num_prefix_tokens :].mean(dim=1)  # mean of patch tokens, (B, D)
-        return self.head(pooled)  # (B, num_classes)
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from model_export.manifest import Manifest
 from service.batcher import Batcher, ImageResult
 from service.errors import InvalidParameter, ServiceError
 from service.explain import heatmap_png
+from service.frontend.decode import Decoder
 from service.metrics import Metrics
-from service.preprocess import ImagePreprocessor
 from service.runtime import OnnxBackend, warm_up_batch_sizes
 from service.settings import Settings
 from service.uploads import Upload
@@ -81,7 +80,7 @@ class Classifier:
         self.explain_backend = explain_backend
         self.settings = settings
         self.metrics = metrics
-        self.preprocessor = ImagePreprocessor(manifest.preprocessing, settings.max_image_pixels)
+        self.decoder = Decoder(manifest.preprocessing, settings.max_image_pixels)
         self._decode_pool = ThreadPoolExecutor(settings.resolved_preprocess_threads(), thread_name_prefix="decode")
         self._pools: list[ThreadPoolExecutor] = []
         self.batcher = self._batcher_for(backend)
@@ -90,17 +89,21 @@ class Classifier:
     def _batcher_for(self, backend: OnnxBackend) -> Batcher:
         pool = ThreadPoolExecutor(backend.workers, thread_name_prefix=f"inference-{backend.onnx_path.stem}")
         self._pools.append(pool)
-        buffers = threading.local()
+        height, width, channels = self.decoder.shape
 
         def run_batch(images: list[np.ndarray]) -> list[np.ndarray]:
-            # Each inference thread reuses one float32 buffer: normalisation writes straight into it.
-            buffer = getattr(buffers, "batch", None)
-            if buffer is None:
-                shape = (self.settings.max_batch_size, *self.preprocessor.input_shape)
-                buffer = buffers.batch = np.empty(shape, dtype=np.float32)
-            batch = buffer[: len(images)]
-            self.preprocessor.normalize_into(images, batch)
-            return backend.predict(batch)
+            # uint8 images go in as pixels, float32 tensors (OIP FP32) as already-normalised rows;
+            # the graph answers the pixel rows first, so put the rows back in arrival order.
+            pixels = [i for i, image in enumerate(images) if image.dtype == np.uint8]
+            tensors = [i for i, image in enumerate(images) if image.dtype != np.uint8]
+            outputs = backend.predict(
+                np.stack([images[i] for i in pixels]) if pixels else np.empty((0, height, width, channels), np.uint8),
+                np.stack([images[i] for i in tensors])
+                if tensors
+                else np.empty((0, channels, height, width), np.float32),
+            )
+            order = np.argsort(pixels + tensors)
+            return [output[order] for output in outputs]
 
         return Batcher(
             run_batch,
@@ -124,7 +127,7 @@ class Classifier:
         sizes = warm_up_batch_sizes(self.settings.max_batch_size)
         for backend, batcher in self._pairs():
             started = time.perf_counter()
-            await asyncio.to_thread(backend.warm_up, sizes, self.preprocessor.input_shape)
+            await asyncio.to_thread(backend.warm_up, sizes, self.decoder.shape)
             logger.info(
                 "%s warmed up at batch sizes %s in %.2f s", backend.onnx_path.name, sizes, time.perf_counter() - started
             )
@@ -140,7 +143,7 @@ class Classifier:
     def _decode(self, upload: Upload) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
         try:
-            pixels = self.preprocessor(upload.data)
+            pixels = self.decoder.decode(upload.data)
         except ServiceError as exc:
             exc.part = upload.name
             raise
@@ -149,7 +152,7 @@ class Classifier:
         return pixels, elapsed
 
     def _attention(self, pixels: np.ndarray, result: ImageResult) -> Attention:
-        _, last_layer, rollout = result.outputs
+        _, _, last_layer, rollout = result.outputs
         png = base64.b64encode(heatmap_png(pixels, rollout)).decode("ascii")
         return Attention(rollout=rollout.tolist(), last_layer=last_layer.tolist(), heatmap_png=png)
 

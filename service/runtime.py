@@ -16,7 +16,7 @@ except ImportError as exc:  # the runtime is an extra: say which one to install
         "onnxruntime is not installed: pip install 'vit-serve[cpu]' (or 'vit-serve[gpu]' for CUDA)"
     ) from exc
 
-from model_export.manifest import MANIFEST_METADATA_KEY, Manifest
+from model_export.manifest import FORMAT_VERSION, MANIFEST_METADATA_KEY, Manifest
 from service.errors import StartupError
 from service.settings import Settings
 
@@ -43,7 +43,7 @@ def requested_providers(setting: str, available: list[str]) -> list[str]:
 def load_manifest(model_dir: Path) -> Manifest:
     """manifest.json beside the model, or the copy embedded in the ONNX metadata."""
     try:
-        return Manifest.read(model_dir)
+        return _current(Manifest.read(model_dir), model_dir)
     except FileNotFoundError:
         pass
     except ValueError as exc:
@@ -56,7 +56,16 @@ def load_manifest(model_dir: Path) -> Manifest:
         raise StartupError(
             f"{onnx_path} has no manifest.json beside it and none in its metadata: export it with vit-export"
         )
-    return Manifest.from_json(meta[MANIFEST_METADATA_KEY])
+    return _current(Manifest.from_json(meta[MANIFEST_METADATA_KEY]), model_dir)
+
+
+def _current(manifest: Manifest, model_dir: Path) -> Manifest:
+    if manifest.format_version < FORMAT_VERSION:
+        raise StartupError(
+            f"{model_dir} was exported by an older vit-export (manifest format {manifest.format_version}, "
+            f"float input); re-export it with this version: vit-export CHECKPOINT --out {model_dir}"
+        )
+    return manifest
 
 
 class OnnxBackend:
@@ -115,43 +124,49 @@ class OnnxBackend:
     def _check_io_names(self, session: ort.InferenceSession) -> None:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
-        if inputs != [self.manifest.input_name] or not set(self.output_names) <= set(outputs):
+        if inputs != self.manifest.input_names or not set(self.output_names) <= set(outputs):
             raise StartupError(
                 f"{self.onnx_path.name}: graph inputs {inputs} / outputs {outputs} do not match the expected "
-                f"{self.manifest.input_name} / {self.output_names}"
+                f"{self.manifest.input_names} / {self.output_names}"
             )
 
     @property
     def provider(self) -> str:
         return self.providers.active
 
-    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Every output (logits first), each (B, ...), for a float32 (B, C, H, W) batch; blocking, thread-safe."""
+    def predict(self, pixels: np.ndarray, tensors: np.ndarray) -> list[np.ndarray]:
+        """Every output (logits first), each (B + B2, ...), for uint8 (B, H, W, C) pixels and
+        already-normalised float32 (B2, C, H, W) tensors; blocking, thread-safe."""
         session = self._free.get()
         try:
-            return self._run(session, batch)
+            return self._run(session, pixels, tensors)
         finally:
             self._free.put(session)
 
-    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> list[np.ndarray]:
+    def _run(self, session: ort.InferenceSession, pixels: np.ndarray, tensors: np.ndarray) -> list[np.ndarray]:
+        feeds = dict(zip(self.manifest.input_names, (pixels, tensors), strict=True))
         if not self.on_cuda:
-            return session.run(self.output_names, {self.manifest.input_name: batch})  # type: ignore[no-any-return]
+            return session.run(self.output_names, feeds)  # type: ignore[no-any-return]
         # IO binding: one host-to-device copy in, the outputs allocated on the device and
         # copied back once, instead of run()'s extra staging copies.
         binding = session.io_binding()
-        binding.bind_cpu_input(self.manifest.input_name, batch)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
         for name in self.output_names:
             binding.bind_output(name, "cuda")
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()  # type: ignore[no-any-return]
 
-    def warm_up(self, batch_sizes: list[int], input_shape: tuple[int, int, int]) -> None:
+    def warm_up(self, batch_sizes: list[int], pixel_shape: tuple[int, int, int]) -> None:
         """A real forward pass at each batch size, on every session."""
+        height, width, channels = pixel_shape
+        no_tensors = np.empty((0, channels, height, width), dtype=np.float32)
         sessions = [self._free.get() for _ in range(self.workers)]
         try:
             for session in sessions:
                 for size in batch_sizes:
-                    logits = self._run(session, np.zeros((size, *input_shape), dtype=np.float32))[0]
+                    pixels = np.zeros((size, *pixel_shape), dtype=np.uint8)
+                    logits = self._run(session, pixels, no_tensors)[0]
                     if logits.shape != (size, self.manifest.num_classes) or not np.isfinite(logits).all():
                         raise StartupError(f"warm-up at batch {size} gave {logits.shape} / non-finite logits")
         finally:

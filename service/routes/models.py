@@ -15,7 +15,7 @@ router = APIRouter(tags=["models"])
 
 def model_info(classifier: Classifier) -> ModelInfo:
     manifest, settings, backend = classifier.manifest, classifier.settings, classifier.backend
-    channels, height, width = classifier.preprocessor.input_shape
+    height, width, channels = classifier.decoder.shape
     return ModelInfo(
         name=manifest.name,
         labels=manifest.labels,

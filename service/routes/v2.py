@@ -43,7 +43,7 @@ async def server_metadata(request: Request) -> dict[str, object]:
 @router.get("/models/{name}", summary="Model metadata", responses={**MODEL_NOT_FOUND, **NOT_READY})  # type: ignore[dict-item]
 async def model_metadata(name: str, classifier: Annotated[Classifier, Depends(get_classifier)]) -> dict[str, object]:
     model = _model(name, classifier)
-    channels, height, width = model.preprocessor.input_shape
+    height, width, channels = model.decoder.shape
     return {
         "name": model.manifest.name,
         "versions": ["1"],
@@ -99,7 +99,8 @@ async def infer(
             raise BadRequest("empty inference request")
         parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
         if parsed.tensor is not None:
-            expected = model.preprocessor.input_shape
+            height, width, channels = model.decoder.shape
+            expected = (channels, height, width)
             if parsed.tensor.shape[1:] != expected:
                 raise BadRequest(f"{TENSOR_INPUT!r} must be [N, {', '.join(map(str, expected))}]")
             if len(parsed.tensor) > settings.max_images_per_request:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from model_export.manifest import Manifest
+from model_export.onnx_export import VERIFY_BATCHES
 from model_export.vit import VisionTransformer, ViTConfig
 
 VIT_EXPORT = str(Path(sys.executable).parent / "vit-export")
@@ -22,8 +23,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_random_init_preset_exports_and_reports_what_it_verified(tmp_path):
     result = _run("--random-init", "--preset", "vit_tiny_patch16_224", "--out", tmp_path / "ti")
     assert result.returncode == 0, result.stderr
-    for batch in (1, 2, 3, 8):
-        assert f"verified: batch {batch}: max |ORT - PyTorch|" in result.stdout
+    for batch, tensor_batch in VERIFY_BATCHES:
+        assert f"verified: {batch} uint8 images + {tensor_batch} normalised tensors: max |ORT - PyTorch|" in result.stdout
     assert "onnx.checker passed" in result.stdout
     manifest = Manifest.read(tmp_path / "ti")
     assert (manifest.name, manifest.source.layout, manifest.config["embed_dim"]) == ("ti", "random-init", 192)

@@ -9,7 +9,8 @@ import torch
 from model_export.checkpoints import import_checkpoint, sha256_file
 from model_export.fashion_mnist import LABELS
 from model_export.manifest import Manifest
-from service.preprocess import ImagePreprocessor
+from model_export.onnx_export import normalise
+from service.frontend.decode import Decoder
 from service.settings import DEFAULT_MODEL_DIR
 from tests.conftest import encode
 
@@ -29,11 +30,11 @@ def test_the_shipped_artifact_comes_from_the_shipped_weights():
 
 def test_the_shipped_graph_matches_the_weights_in_pytorch():
     imported = import_checkpoint(WEIGHTS_DIR)
-    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randint(0, 256, (4, 28, 28, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = imported.model(x).numpy()
+        expected = imported.model(normalise(pixels, imported.preprocessing)).numpy()
     session = ort.InferenceSession(str(DEFAULT_MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
-    (actual,) = session.run(None, {"pixel_values": x.numpy()})
+    actual, _ = session.run(None, {"pixels": pixels.numpy(), "pixel_values": np.empty((0, 1, 28, 28), np.float32)})
     assert np.abs(actual - expected).max() <= 1e-4
 
 
@@ -43,15 +44,16 @@ def test_top1_accuracy_on_the_full_test_split_through_onnxruntime(fashion_test_s
 
     images, labels = fashion_test_split
     manifest = Manifest.read(DEFAULT_MODEL_DIR)
-    preprocessor = ImagePreprocessor(manifest.preprocessing, max_pixels=10**6)
+    decoder = Decoder(manifest.preprocessing, max_pixels=10**6)
     session = ort.InferenceSession(str(DEFAULT_MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
-    batch = np.empty((500, *preprocessor.input_shape), dtype=np.float32)
+    batch = np.empty((500, *decoder.shape), dtype=np.uint8)
+    no_tensors = np.empty((0, 1, 28, 28), dtype=np.float32)
     correct = 0
     for start in range(0, len(images), len(batch)):
         chunk = images[start : start + len(batch)]
-        pixels = [preprocessor(encode(Image.fromarray(image), "PNG")) for image in chunk]
-        preprocessor.normalize_into(pixels, batch[: len(chunk)])
-        (logits,) = session.run(None, {manifest.input_name: batch[: len(chunk)]})
+        for slot, image in zip(batch, chunk, strict=False):
+            decoder.decode_into(encode(Image.fromarray(image), "PNG"), slot)
+        logits, _ = session.run(None, {"pixels": batch[: len(chunk)], "pixel_values": no_tensors})
         correct += int((logits.argmax(1) == labels[start : start + len(chunk)]).sum())
     accuracy = correct / len(images)
     print(f"default model top-1 on {len(images)} Fashion-MNIST test images via ONNX Runtime: {accuracy:.4f}")

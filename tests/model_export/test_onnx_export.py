@@ -7,8 +7,27 @@ import pytest
 import torch
 
 from model_export.checkpoints import default_preprocessing, sha256_file
-from model_export.manifest import EXPLAIN_OUTPUT_NAMES, INPUT_NAME, LOGITS_NAME, MANIFEST_METADATA_KEY, Manifest, Source
-from model_export.onnx_export import FP32_TOLERANCE, ExportError, export_onnx, verify_onnx, write_artifact
+from model_export.manifest import (
+    EMBEDDING_NAME,
+    EXPLAIN_OUTPUT_NAMES,
+    INPUT_NAMES,
+    LOGITS_NAME,
+    MANIFEST_METADATA_KEY,
+    OUTPUT_NAMES,
+    PIXEL_VALUES_NAME,
+    PIXELS_NAME,
+    Manifest,
+    Source,
+)
+from model_export.onnx_export import (
+    FP32_TOLERANCE,
+    VERIFY_BATCHES,
+    ExportError,
+    export_onnx,
+    normalise,
+    verify_onnx,
+    write_artifact,
+)
 from model_export.vit import VisionTransformer, ViTConfig
 
 
@@ -45,7 +64,7 @@ def test_artifact_has_the_graph_and_a_manifest_with_hashes(artifact):
     assert on_disk == manifest
     assert on_disk.onnx_sha256 == sha256_file(out / "model.onnx")
     assert on_disk.source.sha256 == "ab" * 32
-    assert [b["batch"] for b in on_disk.verification["batches"]] == [1, 2, 3, 8]
+    assert [(b["batch"], b["tensor_batch"]) for b in on_disk.verification["batches"]] == list(VERIFY_BATCHES)
     assert all(b["max_abs_diff"] <= FP32_TOLERANCE for b in on_disk.verification["batches"])
 
 
@@ -56,22 +75,50 @@ def test_graph_metadata_carries_the_same_manifest(artifact):
     assert embedded == manifest.model_copy(update={"onnx_sha256": None, "explain_onnx_sha256": None})
 
 
-def test_batch_axis_is_dynamic_and_names_are_the_constants(artifact):
-    model, out, _ = artifact
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    (graph_input,), (graph_output,) = session.get_inputs(), session.get_outputs()
-    assert (graph_input.name, graph_output.name) == (INPUT_NAME, LOGITS_NAME)
-    assert isinstance(graph_input.shape[0], str) and graph_input.shape[1:] == [3, 32, 32]
-    x = np.random.default_rng(0).standard_normal((13, 3, 32, 32), dtype=np.float32)  # never traced
-    (logits,) = session.run(None, {INPUT_NAME: x})
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _pixels(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+
+
+NO_TENSORS = np.empty((0, 3, 32, 32), dtype=np.float32)
+
+
+def test_batch_axes_are_dynamic_and_names_are_the_constants(artifact):
+    model, out, manifest = artifact
+    session = _session(out / "model.onnx")
+    pixels, tensors = session.get_inputs()
+    assert [i.name for i in session.get_inputs()] == INPUT_NAMES == manifest.input_names
+    assert [o.name for o in session.get_outputs()] == OUTPUT_NAMES == manifest.output_names
+    assert pixels.type == "tensor(uint8)" and pixels.shape[1:] == [32, 32, 3]
+    assert tensors.type == "tensor(float)" and tensors.shape[1:] == [3, 32, 32]
+    assert all(isinstance(graph_input.shape[0], str) for graph_input in (pixels, tensors))
+    x = _pixels(13)  # a batch size never traced
+    logits, embedding = session.run(None, {PIXELS_NAME: x, PIXEL_VALUES_NAME: NO_TENSORS})
     with torch.no_grad():
-        assert np.abs(logits - model(torch.from_numpy(x)).numpy()).max() <= FP32_TOLERANCE
+        features = model.forward_features(normalise(torch.from_numpy(x), manifest.preprocessing))
+        assert np.abs(logits - model.forward_head(features).numpy()).max() <= FP32_TOLERANCE
+        assert np.abs(embedding - features[:, 0].numpy()).max() <= FP32_TOLERANCE
+
+
+def test_the_graph_normalises_pixels_as_the_manifest_says(artifact):
+    """Pixels in, and the same pixels normalised outside the graph in: the same rows, pixels first."""
+    _, out, manifest = artifact
+    x = _pixels(4, seed=3)
+    normalised = normalise(torch.from_numpy(x), manifest.preprocessing).numpy()
+    session = _session(out / "model.onnx")
+    logits, embedding = session.run(None, {PIXELS_NAME: x, PIXEL_VALUES_NAME: normalised[:2]})
+    assert logits.shape == (6, 5) and embedding.shape == (6, 32)
+    assert np.abs(logits[:2] - logits[4:]).max() <= 1e-5 and np.abs(embedding[:2] - embedding[4:]).max() <= 1e-5
 
 
 def test_the_class_token_slice_and_the_head_are_in_the_graph(artifact):
     _, out, _ = artifact
     graph = onnx.load(str(out / "model.onnx")).graph
     producers = {output: node for node in graph.node for output in node.output}
+    assert producers[EMBEDDING_NAME].op_type == "Gather"  # the embedding is the same slice, before the head
     head = producers[LOGITS_NAME]
     assert head.op_type == "Gemm" and head.input[1] == "model.head.weight"
     pooled = producers[head.input[0]]  # x[:, 0] after the final norm
@@ -89,29 +136,30 @@ def test_avg_pooling_exports_and_verifies_too(tmp_path):
 
 def test_verification_catches_a_graph_that_differs_from_the_model(tmp_path):
     model = _model()
-    export_onnx(model, tmp_path / "model.onnx")
+    preprocessing = _manifest(model).preprocessing
+    export_onnx(model, tmp_path / "model.onnx", preprocessing)
     with torch.no_grad():
         model.head.bias += 1e-3  # the model moved on; the graph did not
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        verify_onnx(model, tmp_path / "model.onnx")
+        verify_onnx(model, tmp_path / "model.onnx", preprocessing)
 
 
 def test_an_old_opset_is_refused(tmp_path):
     model = _model()
     with pytest.raises(ExportError, match="opset 13"):
-        export_onnx(model, tmp_path / "m.onnx", opset=13)
+        export_onnx(model, tmp_path / "m.onnx", _manifest(model).preprocessing, opset=13)
 
 
 def test_explain_graph_outputs_logits_and_two_normalised_maps(artifact):
     model, out, manifest = artifact
     assert manifest.explain_onnx_sha256 == sha256_file(out / "model_explain.onnx")
     assert all(b["max_abs_diff"] <= FP32_TOLERANCE for b in manifest.verification["explain_batches"])
-    session = ort.InferenceSession(str(out / "model_explain.onnx"), providers=["CPUExecutionProvider"])
+    session = _session(out / "model_explain.onnx")
     assert [o.name for o in session.get_outputs()] == EXPLAIN_OUTPUT_NAMES
-    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32), dtype=np.float32)
-    logits, last_layer, rollout = session.run(None, {INPUT_NAME: x})
-    plain = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert np.abs(logits - plain.run(None, {INPUT_NAME: x})[0]).max() <= FP32_TOLERANCE
+    feeds = {PIXELS_NAME: _pixels(3, seed=1), PIXEL_VALUES_NAME: NO_TENSORS}
+    logits, embedding, last_layer, rollout = session.run(None, feeds)
+    plain = _session(out / "model.onnx").run(None, feeds)
+    assert np.abs(logits - plain[0]).max() <= FP32_TOLERANCE and np.abs(embedding - plain[1]).max() <= FP32_TOLERANCE
     for grid in (last_layer, rollout):
         assert grid.shape == (3, 4, 4) and (grid >= 0).all()
         assert np.allclose(grid.sum(axis=(1, 2)), 1.0, atol=1e-5)

@@ -49,7 +49,9 @@ def test_the_variant_passes_its_gate_and_the_manifest_records_it(variant_model):
         # LayerNorm and softmax stay fp32; the weights of the matrix products are half precision.
         graph = onnx.load(str(folder / "model.onnx")).graph
         assert {init.data_type for init in graph.initializer} >= {onnx.TensorProto.FLOAT16}
-        assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        pixels, tensors = graph.input
+        assert pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        assert tensors.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
 def test_the_server_reports_the_variant_and_classifies_with_it(variant_model, samples):

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_export.manifest import Manifest
-from service.preprocess import ImagePreprocessor
+from service.frontend.decode import Decoder
 from service.settings import DEFAULT_MODEL_DIR
 
 
@@ -30,12 +30,11 @@ def test_fashion_mnist_png_and_jpeg_get_the_right_labels(client, samples):
 
 def test_served_scores_equal_onnxruntime_on_the_same_preprocessing(client, samples):
     manifest = Manifest.read(DEFAULT_MODEL_DIR)
-    preprocessor = ImagePreprocessor(manifest.preprocessing, max_pixels=10**8)
+    decoder = Decoder(manifest.preprocessing, max_pixels=10**8)
     data = [s.encoded("PNG") for s in samples[:8]]
-    batch = np.empty((8, *preprocessor.input_shape), dtype=np.float32)
-    preprocessor.normalize_into([preprocessor(d) for d in data], batch)
+    pixels = np.stack([decoder.decode(d) for d in data])
     session = ort.InferenceSession(str(DEFAULT_MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {manifest.input_name: batch})
+    logits, _ = session.run(None, {"pixels": pixels, "pixel_values": np.empty((0, 1, 28, 28), np.float32)})
     expected = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
 
     response = client.post(

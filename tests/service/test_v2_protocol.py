@@ -8,7 +8,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from model_export.manifest import Manifest
-from service.preprocess import ImagePreprocessor
+from service.frontend.decode import Decoder
 from service.settings import DEFAULT_MODEL_DIR
 
 MODEL = "fashion-mnist-vit"
@@ -50,10 +50,11 @@ def test_encoded_images_as_bytes_give_probabilities(triton_client, samples, clie
 
 def test_preprocessed_fp32_tensor_gives_the_same_probabilities(triton_client, samples):
     manifest = Manifest.read(DEFAULT_MODEL_DIR)
-    preprocessor = ImagePreprocessor(manifest.preprocessing, max_pixels=10**6)
+    prep = manifest.preprocessing
+    decoder = Decoder(prep, max_pixels=10**6)
     chosen = samples[:4]
-    batch = np.empty((4, *preprocessor.input_shape), dtype=np.float32)
-    preprocessor.normalize_into([preprocessor(s.encoded("PNG")) for s in chosen], batch)
+    pixels = np.stack([decoder.decode(s.encoded("PNG")) for s in chosen]).transpose(0, 3, 1, 2)
+    batch = ((pixels / 255.0 - prep.mean[0]) / prep.std[0]).astype(np.float32)  # what the graph does for images
     tensor = triton.InferInput("pixel_values", list(batch.shape), "FP32")
     tensor.set_data_from_numpy(batch, binary_data=True)
     from_tensor = triton_client.infer(MODEL, [tensor]).as_numpy("probabilities")

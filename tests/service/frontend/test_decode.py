@@ -1,12 +1,13 @@
+import io
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
-from service.preprocess import ImagePreprocessor
+from service.frontend.decode import Decoder, jpeg_orientation
 from tests.conftest import encode, png_declaring
 
 GREY = Preprocessing(image_size=28, resize_size=28, interpolation="bilinear", mean=[0.286], std=[0.353], color_mode="L")
@@ -29,7 +30,7 @@ def _reference(image: Image.Image, prep: Preprocessing) -> np.ndarray:
 
 def test_resize_and_centre_crop_follow_the_manifest():
     image = _gradient(120, 80)
-    out = ImagePreprocessor(RGB, max_pixels=10**8)(encode(image, "PNG"))
+    out = Decoder(RGB, max_pixels=10**8).decode(encode(image, "PNG"))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - _reference(image, RGB).astype(int)).max() <= 2
 
@@ -37,7 +38,7 @@ def test_resize_and_centre_crop_follow_the_manifest():
 def test_squash_mode_resizes_without_keeping_aspect():
     prep = RGB.model_copy(update={"resize_mode": "squash", "resize_size": 32})
     image = _gradient(120, 40)
-    out = ImagePreprocessor(prep, max_pixels=10**8)(encode(image, "PNG"))
+    out = Decoder(prep, max_pixels=10**8).decode(encode(image, "PNG"))
     expected = np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC))
     assert np.abs(out.astype(int) - expected.astype(int)).max() <= 2
 
@@ -48,20 +49,20 @@ def test_every_mode_becomes_the_models_colour_mode(mode):
     image = source.convert(mode) if mode not in ("I;16", "I", "F") else source.convert("L").convert(mode)
     fmt = {"CMYK": "TIFF", "YCbCr": "JPEG", "F": "TIFF", "I": "TIFF"}.get(mode, "PNG")
     for prep in (GREY, RGB):
-        out = ImagePreprocessor(prep, max_pixels=10**8)(encode(image, fmt))
+        out = Decoder(prep, max_pixels=10**8).decode(encode(image, fmt))
         assert out.shape == (prep.image_size, prep.image_size, prep.channels)
 
 
 def test_sixteen_bit_greyscale_is_scaled_not_clipped():
     wide = Image.fromarray(np.full((28, 28), 32768, dtype=np.uint16))  # mid-grey in 16 bits
-    out = ImagePreprocessor(GREY, max_pixels=10**8)(encode(wide, "PNG"))
+    out = Decoder(GREY, max_pixels=10**8).decode(encode(wide, "PNG"))
     assert 126 <= out.mean() <= 130
 
 
 def test_transparent_pixels_become_black():
     rgba = Image.new("RGBA", (28, 28), (255, 255, 255, 0))
     rgba.paste((255, 255, 255, 255), (0, 0, 14, 28))
-    out = ImagePreprocessor(GREY, max_pixels=10**8)(encode(rgba, "PNG"))
+    out = Decoder(GREY, max_pixels=10**8).decode(encode(rgba, "PNG"))
     assert out[:, :12].min() == 255 and out[:, 16:].max() == 0
 
 
@@ -71,14 +72,14 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # "rotate 90 CW to display"
     tagged = encode(image, "JPEG", exif=exif, quality=95)
     upright = encode(image.transpose(Image.Transpose.ROTATE_270), "JPEG", quality=95)
-    pre = ImagePreprocessor(RGB, max_pixels=10**8)
+    pre = Decoder(RGB, max_pixels=10**8).decode
     assert np.abs(pre(tagged).astype(int) - pre(upright).astype(int)).mean() < 3
 
 
 def test_large_jpeg_uses_draft_decoding_and_matches_a_full_decode():
     photo = _gradient(4000, 3000)  # 12 MP
     data = encode(photo, "JPEG", quality=90)
-    pre = ImagePreprocessor(RGB, max_pixels=10**8)
+    pre = Decoder(RGB, max_pixels=10**8).decode
     started = time.perf_counter()
     out = pre(data)
     draft_s = time.perf_counter() - started
@@ -90,11 +91,11 @@ def test_large_jpeg_uses_draft_decoding_and_matches_a_full_decode():
 def test_pixel_limit_is_checked_from_the_header_before_decoding():
     bomb = png_declaring(100_000, 100_000)  # ten gigapixels declared in under 100 bytes
     with pytest.raises(ImageTooLarge):
-        ImagePreprocessor(GREY, max_pixels=40_000_000)(bomb)
+        Decoder(GREY, max_pixels=40_000_000).decode(bomb)
     with pytest.raises(ImageTooLarge, match="9000x9000"):  # under Pillow's own bomb limit: ours decides
-        ImagePreprocessor(GREY, max_pixels=40_000_000)(png_declaring(9000, 9000))
+        Decoder(GREY, max_pixels=40_000_000).decode(png_declaring(9000, 9000))
     with pytest.raises(ImageTooLarge):
-        ImagePreprocessor(GREY, max_pixels=100)(encode(_gradient(20, 20), "PNG"))
+        Decoder(GREY, max_pixels=100).decode(encode(_gradient(20, 20), "PNG"))
 
 
 @pytest.mark.parametrize(
@@ -108,20 +109,63 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
 )
 def test_unsupported_and_corrupt_bytes_raise_typed_errors(data, error):
     with pytest.raises(error):
-        ImagePreprocessor(GREY, max_pixels=10**8)(data)
+        Decoder(GREY, max_pixels=10**8).decode(data)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP"])
 def test_truncated_files_are_corrupt_not_crashes(fmt):
     data = encode(_gradient(64, 64), fmt)
     with pytest.raises(CorruptImage):
-        ImagePreprocessor(RGB, max_pixels=10**8)(data[: len(data) // 2])
+        Decoder(RGB, max_pixels=10**8).decode(data[: len(data) // 2])
 
 
-def test_normalisation_writes_chw_into_the_batch_buffer():
-    pre = ImagePreprocessor(RGB, max_pixels=10**8)
-    images = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(3)]
-    batch = np.empty((4, 3, 32, 32), dtype=np.float32)
-    pre.normalize_into(images, batch[:3])
-    naive = np.stack([(img.astype(np.float32) / 255 - 0.5) / 0.25 for img in images]).transpose(0, 3, 1, 2)
-    assert np.allclose(batch[:3], naive, atol=1e-5)
+def _pillow_reference(data: bytes, prep: Preprocessing) -> np.ndarray:
+    """Pillow alone, as the service decoded before simplejpeg: draft, EXIF transpose, convert, resize + crop."""
+    image = Image.open(io.BytesIO(data))
+    image.draft(prep.color_mode, (prep.resize_size, prep.resize_size))
+    image = ImageOps.exif_transpose(image).convert(prep.color_mode)
+    scale = prep.resize_size / min(image.size)
+    left = (round(image.width * scale) - prep.image_size) // 2
+    top = (round(image.height * scale) - prep.image_size) // 2
+    box = tuple(v / scale for v in (left, top, left + prep.image_size, top + prep.image_size))
+    resized = image.resize((prep.image_size, prep.image_size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(resized).reshape(prep.image_size, prep.image_size, -1)
+
+
+@pytest.mark.parametrize("size", [(36, 36), (120, 80), (1024, 768), (4032, 3024)])
+@pytest.mark.parametrize("prep", [RGB, GREY.model_copy(update={"interpolation": "bicubic"})], ids=["rgb", "grey"])
+@pytest.mark.parametrize("source_mode", ["RGB", "L"])
+def test_jpegs_decode_to_the_same_pixels_as_pillow(size, prep, source_mode):
+    data = encode(_gradient(*size).convert(source_mode), "JPEG", quality=90)
+    assert np.array_equal(Decoder(prep, max_pixels=10**8).decode(data), _pillow_reference(data, prep))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_the_jpeg_like_pillow(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(_gradient(60, 30), "JPEG", exif=exif, quality=95)
+    assert jpeg_orientation(data) == orientation
+    assert np.array_equal(Decoder(RGB, max_pixels=10**8).decode(data), _pillow_reference(data, RGB))
+
+
+def test_cmyk_jpegs_fall_back_to_pillow():
+    data = encode(_gradient(50, 40).convert("CMYK"), "JPEG")
+    assert np.array_equal(Decoder(RGB, max_pixels=10**8).decode(data), _pillow_reference(data, RGB))
+
+
+def test_at_scale_one_the_crop_equals_the_resize():
+    data = encode(_gradient(RGB.resize_size, RGB.resize_size + 8), "PNG")
+    image = Image.open(io.BytesIO(data))
+    top = (RGB.resize_size + 8 - RGB.image_size) // 2
+    left = (RGB.resize_size - RGB.image_size) // 2
+    box = (left, top, left + RGB.image_size, top + RGB.image_size)
+    resized = image.resize((RGB.image_size, RGB.image_size), Image.Resampling.BICUBIC, box=box)
+    assert np.array_equal(Decoder(RGB, max_pixels=10**8).decode(data), np.asarray(resized))
+
+
+def test_decode_into_writes_the_callers_buffer():
+    decoder = Decoder(RGB, max_pixels=10**8)
+    slot = np.zeros((2, *decoder.shape), dtype=np.uint8)
+    decoder.decode_into(encode(_gradient(40, 40), "PNG"), slot[1])
+    assert slot[0].max() == 0 and slot[1].max() > 0

@@ -12,10 +12,10 @@ from PIL import Image
 
 from model_export.manifest import Preprocessing
 from service.errors import ServiceError
-from service.preprocess import SIGNATURES, ImagePreprocessor
+from service.frontend.decode import SIGNATURES, Decoder
 from tests.conftest import encode, png_declaring
 
-PREPROCESSOR = ImagePreprocessor(
+DECODER = Decoder(
     Preprocessing(image_size=28, resize_size=28, interpolation="bilinear", mean=[0.286], std=[0.353], color_mode="L"),
     max_pixels=4_000_000,
 )
@@ -44,7 +44,7 @@ SEEDS = _seeds()
 
 def _decode_is_safe(data: bytes) -> None:
     try:
-        pixels = PREPROCESSOR(data)
+        pixels = DECODER.decode(data)
     except ServiceError as error:
         assert 400 <= error.status < 500, (error.status, error.message)
     else:
@@ -91,4 +91,4 @@ def test_any_declared_size_with_a_tiny_body(width, height, payload):
 
 @pytest.mark.parametrize("index", range(len(SEEDS)))
 def test_every_seed_itself_decodes(index):
-    assert PREPROCESSOR(SEEDS[index]).shape == (28, 28, 1)
+    assert DECODER.decode(SEEDS[index]).shape == (28, 28, 1)

@@ -1,0 +1,218 @@
+"""Encoded image bytes -> uint8 pixels at the model's input size, exactly as the manifest says.
+
+The graph does the rest (cast, scale, mean/std, layout), so what leaves here is the small
+(H, W, C) uint8 image, written straight into the caller's buffer (a shared-memory slot).
+
+JPEGs, most uploads, go through simplejpeg (libjpeg-turbo): it releases the GIL for the whole
+decode and scales in the DCT domain, so decode threads do not stall the event loop. Every
+other format, and the JPEGs libjpeg-turbo will not turn into RGB (CMYK, YCCK), go through Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model_export.manifest import Preprocessing
+from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
+
+# Pillow format name -> the leading bytes that identify it.
+SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "WEBP": (b"RIFF",),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "BMP": (b"BM",),
+}
+SUPPORTED_FORMATS = ", ".join(SIGNATURES)
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# libjpeg-turbo colour spaces it can convert to RGB or greyscale itself.
+_TURBO_COLOURS = {"Gray", "YCbCr", "RGB"}
+# EXIF orientation -> the numpy operation that makes the image upright (Pillow's exif_transpose).
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a),
+}
+
+
+def sniff_format(data: bytes) -> str | None:
+    for name, magics in SIGNATURES.items():
+        if data.startswith(magics) and (name != "WEBP" or data[8:12] == b"WEBP"):
+            return name
+    return None
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) in a JPEG's APP1 segment; 1 when absent or unreadable.
+
+    Walks the markers up to the first scan, each step bounded by the segment lengths, so a
+    hostile file costs at most one pass over its headers."""
+    offset = 2
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        marker = data[offset + 1]
+        if marker == 0xDA:  # start of scan: no metadata after this
+            return 1
+        (length,) = struct.unpack_from(">H", data, offset + 2)
+        segment = data[offset + 4 : offset + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            return _tiff_orientation(segment[6:])
+        offset += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    (entries,) = struct.unpack_from(order + "H", tiff, ifd)
+    for index in range(entries):
+        entry = ifd + 2 + 12 * index
+        if entry + 12 > len(tiff):
+            return 1
+        tag, kind, _, value = struct.unpack_from(order + "HHIH", tiff, entry)
+        if tag == 0x0112 and kind == 3:  # Orientation, a SHORT
+            return value if value in _UPRIGHT else 1
+    return 1
+
+
+def draft_factor(width: int, height: int, target: int) -> int:
+    """The DCT downscale (1, 2, 4 or 8) that keeps both sides at least `target`: Pillow's draft rule."""
+    fits = min(width // target, height // target)
+    return next((factor for factor in (8, 4, 2) if fits >= factor), 1)
+
+
+class Decoder:
+    """Decode, orient, convert and resize one upload into a uint8 (H, W, C) buffer."""
+
+    def __init__(self, preprocessing: Preprocessing, max_pixels: int) -> None:
+        self.prep = preprocessing
+        self.max_pixels = max_pixels
+        self.resample = _RESAMPLE[preprocessing.interpolation]
+        self.shape = (preprocessing.image_size, preprocessing.image_size, preprocessing.channels)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        pixels = np.empty(self.shape, dtype=np.uint8)
+        self.decode_into(data, pixels)
+        return pixels
+
+    def decode_into(self, data: bytes, out: np.ndarray) -> None:
+        """Write the model-size image into `out` (uint8, self.shape); typed errors for bad input."""
+        fmt = sniff_format(data)
+        if fmt is None:
+            raise UnsupportedImageFormat(f"not a supported image format (supported: {SUPPORTED_FORMATS})")
+        decoded = self._jpeg(data) if fmt == "JPEG" else None
+        if decoded is not None:
+            image = Image.fromarray(decoded[..., 0] if decoded.shape[-1] == 1 else decoded)
+        else:
+            image = self._pillow(data, fmt)
+        try:
+            out[...] = np.asarray(self._resize(image)).reshape(self.shape)
+        finally:
+            image.close()
+
+    def _jpeg(self, data: bytes) -> np.ndarray | None:
+        """libjpeg-turbo's decode at the draft scale, upright; None for colour spaces it cannot convert."""
+        try:
+            height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as exc:
+            raise CorruptImage(f"JPEG header is corrupt or truncated: {exc}") from exc
+        self._check_size(width, height)
+        if colour not in _TURBO_COLOURS:
+            return None
+        factor = draft_factor(width, height, self.prep.resize_size)
+        try:
+            # The smallest scale whose sides reach these minimums is exactly 1/factor.
+            pixels = simplejpeg.decode_jpeg(
+                data,
+                colorspace="GRAY" if self.prep.color_mode == "L" else "RGB",
+                min_width=-(-width // factor),
+                min_height=-(-height // factor),
+            )
+        except ValueError as exc:  # truncated or inconsistent data; strict mode refuses to guess
+            raise CorruptImage(f"image data is corrupt or truncated: {exc}") from exc
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        orientation = jpeg_orientation(data)
+        return _UPRIGHT[orientation](pixels) if orientation != 1 else pixels
+
+    def _pillow(self, data: bytes, fmt: str) -> Image.Image:
+        try:
+            # Pillow warns about odd but readable files (and very large ones, which our own
+            # limit decides on next); vit-serve sends warnings to the log, they fail nothing.
+            image = Image.open(io.BytesIO(data), formats=tuple(SIGNATURES))
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"image dimensions exceed the decoder's safety limit: {exc}") from exc
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise CorruptImage(f"{fmt} header is corrupt or truncated") from exc
+        try:
+            self._check_size(*image.size)
+            if image.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEGs many phones write
+                image.draft(self.prep.color_mode, (self.prep.resize_size, self.prep.resize_size))
+            image.load()
+            return self._convert(ImageOps.exif_transpose(image))
+        except (ImageTooLarge, CorruptImage):
+            image.close()
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
+            image.close()
+            # Pillow reports truncated or inconsistent data with any of these.
+            raise CorruptImage(f"image data is corrupt or truncated: {exc}") from exc
+
+    def _check_size(self, width: int, height: int) -> None:
+        if width <= 0 or height <= 0:
+            raise CorruptImage(f"image has no pixels ({width}x{height})")
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {self.max_pixels}")
+
+    def _convert(self, image: Image.Image) -> Image.Image:
+        target = self.prep.color_mode
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit (or 32-bit int) greyscale: Pillow's convert("L") would clip at 255; scale instead.
+            wide = np.asarray(image, dtype=np.float32)
+            image = Image.fromarray(np.clip(wide / 256.0, 0, 255).astype(np.uint8), mode="L")
+        elif image.mode == "F":
+            image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            # Transparent pixels become black: alpha-premultiplied, the usual convention.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(background, rgba)
+        return image if image.mode == target else image.convert(target)
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        prep = self.prep
+        width, height = image.size
+        if prep.resize_mode == "squash":
+            scale_x, scale_y = prep.resize_size / width, prep.resize_size / height
+        else:
+            scale_x = scale_y = prep.resize_size / min(width, height)
+        resized_w, resized_h = round(width * scale_x), round(height * scale_y)
+        left = (resized_w - prep.image_size) // 2
+        top = (resized_h - prep.image_size) // 2
+        if scale_x == scale_y == 1:
+            # At scale 1 every filter weighs only the pixel itself: the crop is the resize, exactly.
+            return image.crop((left, top, left + prep.image_size, top + prep.image_size))
+        # Resize only the source region that the centre crop keeps: same pixels, less work.
+        box = (left / scale_x, top / scale_y, (left + prep.image_size) / scale_x, (top + prep.image_size) / scale_y)
+        return image.resize((prep.image_size, prep.image_size), self.resample, box=box)
