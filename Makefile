@@ -30,7 +30,19 @@ system-deps:
 	@test -d $(FASHION_MNIST) && command -v chromium >/dev/null && command -v nginx >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium nginx; }
 
-test: $(VENV)/.test-deps system-deps
+# What the custom resources in docker/k8s are validated against (tests/deploy): KEDA's CRDs as the pydantic
+# models cloudcoil generates from them, and KServe's API as its SDK's generated models; neither project
+# publishes its CRD files to PyPI, npm or Debian. Outside the venv and without dependencies: kserve's own
+# (a model server's) would pin protobuf below the one onnx brings.
+CRD_MODELS := $(VENV)/crd-models
+
+$(CRD_MODELS)/.installed: Makefile $(BIN)/vit-serve
+	rm -rf $(CRD_MODELS)
+	$(BIN)/pip install --quiet --no-deps --target $(CRD_MODELS) \
+		cloudcoil==0.6.0 cloudcoil-models-keda==2.16.1.0 kserve==0.21.0 six==1.17.0
+	touch $@
+
+test: $(VENV)/.test-deps $(CRD_MODELS)/.installed system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

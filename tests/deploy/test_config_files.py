@@ -1,20 +1,63 @@
-"""The deployment files, linted and validated by the tools operators use: hadolint, docker compose, kubectl."""
+"""The deployment files, linted and validated by the tools operators use: hadolint, docker compose, kubectl
+(kustomize), kubernetes-validate, and the schemas KEDA and KServe publish (docker/ci/validate_manifests.py)."""
 
+import copy
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-KUBERNETES_VERSION = "1.32.0"  # the kubectl on the build machine is a 1.32 client
+CRD_MODELS = BIN.parent / "crd-models"  # `make test` installs the KEDA and KServe models there
+KUSTOMIZATIONS = {
+    "docker/k8s/base": {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Ingress",
+    },
+    "docker/k8s/overlays/gpu": {"ConfigMap", "Deployment", "Service", "ScaledObject", "PodDisruptionBudget", "Ingress"},
+    "docker/k8s/kserve/base": {"InferenceService"},
+    "docker/k8s/kserve/gpu": {"InferenceService"},
+}
 
 
 def _run(*command: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120, **kwargs)
+
+
+def _render(kustomization: str) -> list[dict]:
+    rendered = _run("kubectl", "kustomize", kustomization)
+    assert rendered.returncode == 0, rendered.stderr
+    return list(yaml.safe_load_all(rendered.stdout))
+
+
+def _validate(documents: list[dict]) -> subprocess.CompletedProcess[str]:
+    return _run(
+        sys.executable,
+        "docker/ci/validate_manifests.py",
+        "--models",
+        str(CRD_MODELS),
+        "-",
+        input=yaml.safe_dump_all(documents),
+    )
+
+
+def _one(documents: list[dict], kind: str) -> dict:
+    (document,) = [d for d in documents if d["kind"] == kind]
+    return document
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {variable["name"]: variable["value"] for variable in container["env"]}
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "docker/Dockerfile.gpu"])
@@ -32,26 +75,182 @@ def test_compose_file_is_valid(tmp_path, profile):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("kustomization", ["docker/k8s/base", "docker/k8s/overlays/gpu"])
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_kubernetes_manifests_validate_strictly(kustomization):
-    rendered = _run("kubectl", "kustomize", kustomization)
-    assert rendered.returncode == 0, rendered.stderr
-    validated = _run(str(BIN / "kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, "-", input=rendered.stdout)
-    report = validated.stdout + validated.stderr
-    # It prints WARN (and still exits 0) for removed or deprecated apiVersions: those fail here too.
-    assert validated.returncode == 0 and "WARN" not in report and "ERROR" not in report, report
-    kinds = {line.split(":", 1)[1].strip() for line in rendered.stdout.splitlines() if line.startswith("kind:")}
-    assert kinds >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Ingress"}
+    documents = _render(kustomization)
+    result = _validate(documents)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("valid: ") == len(documents) and "invalid" not in result.stdout
+    assert {document["kind"] for document in documents} == KUSTOMIZATIONS[kustomization]
 
 
 def test_the_gpu_overlay_asks_for_a_gpu_and_the_gpu_image():
-    rendered = _run("kubectl", "kustomize", "docker/k8s/overlays/gpu").stdout
-    assert "nvidia.com/gpu: 1" in rendered and "image: vit-serve:gpu" in rendered
-    assert "VIT_REQUIRE_REQUESTED_PROVIDER" in rendered
+    deployment = _one(_render("docker/k8s/overlays/gpu"), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "vit-serve:gpu" and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The image's batch of 64, not the CPU base's 8.
+    assert _env(container)["VIT_REQUIRE_REQUESTED_PROVIDER"] == "true" and _env(container)["VIT_MAX_BATCH_SIZE"] == "64"
+
+
+def test_the_gpu_overlay_scales_on_images_in_flight_per_pod():
+    documents = _render("docker/k8s/overlays/gpu")
+    deployment, scaled = _one(documents, "Deployment"), _one(documents, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"] == "vit-serve-gpu"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    assert trigger["metadata"]["query"] == 'sum(vit_images_in_flight{pod=~"vit-serve-gpu-.+"})'
+    # The CPU HPA is gone: KEDA's own HPA is the only one on the Deployment.
+    assert "HorizontalPodAutoscaler" not in {document["kind"] for document in documents}
+
+
+@pytest.mark.parametrize(
+    ("kustomization", "image"), [("docker/k8s/kserve/base", "cpu"), ("docker/k8s/kserve/gpu", "gpu")]
+)
+def test_the_kserve_examples_run_the_image_as_a_v2_custom_predictor_with_its_probes(kustomization, image):
+    service = _one(_render(kustomization), "InferenceService")
+    predictor = service["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container" and container["image"] == f"vit-serve:{image}"
+    assert container["ports"] == [{"name": "http1", "containerPort": 8000, "protocol": "TCP"}]
+    assert _env(container)["PROTOCOL"] == "v2"
+    probes = {name: container[name]["httpGet"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes == {
+        "startupProbe": {"path": "/startupz", "port": 8000},
+        "readinessProbe": {"path": "/readyz", "port": 8000},
+        "livenessProbe": {"path": "/livez", "port": 8000},
+    }
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    if image == "gpu":
+        assert service["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "keda"
+        (metric,) = predictor["autoScaling"]["metrics"]
+        assert metric["external"]["metric"]["query"] == 'sum(vit_images_in_flight{pod=~"vit-serve-gpu-predictor-.+"})'
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and _env(container)["VIT_MAX_BATCH_SIZE"] == "64"
+
+
+def _set(path: str, value: object) -> Callable[[dict], None]:
+    def mutate(document: dict) -> None:
+        *parents, last = (part.replace("~1", "/") for part in path.split("/"))  # JSON pointer's escape
+        for part in parents:
+            document = document[int(part) if part.isdigit() else part]
+        if value is _DELETE:
+            del document[last]
+        else:
+            document[int(last) if last.isdigit() else last] = value
+
+    return mutate
+
+
+_DELETE = object()
+# Each a manifest of this repository with one mistake, and the words the validator must name it with.
+BROKEN = {
+    "keda-misspelt-field": (
+        "docker/k8s/overlays/gpu",
+        "ScaledObject",
+        _set("spec/minReplicas", 1),
+        "spec.minReplicas: unknown field",
+    ),
+    "keda-threshold-number": (
+        "docker/k8s/overlays/gpu",
+        "ScaledObject",
+        _set("spec/triggers/0/metadata/threshold", 128),
+        "spec.triggers.0.metadata.threshold: Input should be a valid string",
+    ),
+    "keda-replicas-text": (
+        "docker/k8s/overlays/gpu",
+        "ScaledObject",
+        _set("spec/maxReplicaCount", "4"),
+        "spec.maxReplicaCount: Input should be a valid integer",
+    ),
+    "keda-no-triggers": (
+        "docker/k8s/overlays/gpu",
+        "ScaledObject",
+        _set("spec/triggers", _DELETE),
+        "spec.triggers: Field required",
+    ),
+    "kserve-misspelt-field": (
+        "docker/k8s/kserve/base",
+        "InferenceService",
+        _set("spec/predictor/minReplica", 1),
+        "spec.predictor.minReplica: unknown field",
+    ),
+    "kserve-scale-target-text": (
+        "docker/k8s/kserve/base",
+        "InferenceService",
+        _set("spec/predictor/scaleTarget", "70"),
+        "spec.predictor.scaleTarget: should be int",
+    ),
+    "kserve-annotation-bool": (
+        "docker/k8s/kserve/base",
+        "InferenceService",
+        _set("spec/predictor/annotations/prometheus.io~1scrape", True),
+        "spec.predictor.annotations.prometheus.io/scrape: should be str",
+    ),
+    "kserve-metric-untyped": (
+        "docker/k8s/kserve/gpu",
+        "InferenceService",
+        _set("spec/predictor/autoScaling/metrics/0/type", _DELETE),
+        "spec.predictor.autoScaling.metrics[0]: Invalid value for `type`, must not be `None`",
+    ),
+    "kserve-metric-target-misspelt": (
+        "docker/k8s/kserve/gpu",
+        "InferenceService",
+        _set("spec/predictor/autoScaling/metrics/0/external/target/averagevalue", "1"),
+        "external.target.averagevalue: unknown field",
+    ),
+    "kserve-container-unnamed": (
+        "docker/k8s/kserve/base",
+        "InferenceService",
+        _set("spec/predictor/containers/0/name", _DELETE),
+        "spec.predictor.containers[0]: 'name' is a required property",
+    ),
+    "kserve-container-misspelt": (
+        "docker/k8s/kserve/base",
+        "InferenceService",
+        _set("spec/predictor/containers/0/readinessProbes", {}),
+        "'readinessProbes' was unexpected",
+    ),
+    "kserve-port-text": (
+        "docker/k8s/kserve/base",
+        "InferenceService",
+        _set("spec/predictor/containers/0/ports/0/containerPort", "8000"),
+        "spec.predictor.containers[0].ports.0.containerPort: '8000' is not of type",
+    ),
+    "kubernetes-removed-api": (
+        "docker/k8s/base",
+        "HorizontalPodAutoscaler",
+        _set("apiVersion", "autoscaling/v2beta2"),
+        "Couldn't find schema for kind HorizontalPodAutoscaler",
+    ),
+    "kubernetes-misspelt-field": ("docker/k8s/base", "Deployment", _set("spec/replica", 2), "'replica' was unexpected"),
+}
+
+
+@pytest.fixture(scope="module")
+def verdicts() -> dict[str, str]:
+    """One validator run over every broken manifest (each named after its case); its line for each."""
+    documents = []
+    for name, (kustomization, kind, mutate, _) in BROKEN.items():
+        document = copy.deepcopy(_one(_render(kustomization), kind))
+        mutate(document)
+        document["metadata"]["name"] = name
+        documents.append(document)
+    result = _validate(documents)
+    assert result.returncode == 1, result.stdout + result.stderr
+    return {line.split("/", 1)[1].split(":", 1)[0]: line for line in result.stdout.splitlines()}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_manifest_is_rejected_with_its_mistake_named(verdicts, case):
+    assert verdicts[case].startswith("invalid: ") and BROKEN[case][3] in verdicts[case], verdicts[case]
 
 
 def test_grace_periods_outlast_the_drain():
     deployment = (REPO / "docker/k8s/base/deployment.yaml").read_text()
     assert "terminationGracePeriodSeconds: 40" in deployment and "sleep: {seconds: 5}" in deployment
     assert '{name: VIT_DRAIN_GRACE_S, value: "25"}' in deployment  # 5 + 25 < 40
+    predictor = _one(_render("docker/k8s/kserve/base"), "InferenceService")["spec"]["predictor"]
+    assert (
+        predictor["terminationGracePeriodSeconds"] == 40
+        and _env(predictor["containers"][0])["VIT_DRAIN_GRACE_S"] == "25"
+    )
     assert "stop_grace_period: 30s" in (REPO / "docker-compose.yml").read_text()
