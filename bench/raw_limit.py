@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_export.manifest import PIXEL_VALUES_NAME, PIXELS_NAME
-from service.runtime import CPU, CUDA, requested_providers
+from service.engine.runtime import CPU, CUDA, requested_providers
 
 # On a GPU batch size is what pays; on a CPU it barely moves throughput (measured), layout does.
 CPU_BATCHES = (1, 8)

@@ -44,7 +44,7 @@ class ServerProcess:
 def _pump(stream: io.TextIOBase, lines: list[str], announced: queue.Queue[str | None]) -> None:
     for line in stream:
         lines.append(line)
-        if "Uvicorn running on" in line:
+        if "running on http://" in line:  # vit-serve's supervisor, or a plain uvicorn (the baseline)
             announced.put(line)
     announced.put(None)  # the process closed its output: it has exited
 

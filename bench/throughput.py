@@ -15,7 +15,7 @@ from bench.raw_limit import Layout, best_layout, device_of, lone_latency_ms, mea
 from bench.server import run_server, run_uvicorn_process
 from model_export.manifest import Manifest
 from model_export.vit import ViTConfig
-from service.runtime import CUDA
+from service.engine.runtime import CUDA
 from service.settings import Settings, available_cores
 
 

@@ -93,6 +93,11 @@ class DeadlineExceeded(ServiceError):
     status, error_type = 504, "deadline_exceeded"
 
 
+class ClientDisconnected(ServiceError):
+    # nginx's "client closed request": nobody reads this answer, but logs and metrics do.
+    status, error_type = 499, "client_disconnected"
+
+
 class InferenceFailed(ServiceError):
     status, error_type = 500, "inference_failed"
 

@@ -1,18 +1,22 @@
-"""What the probes report: started, ready or not (and why), draining, requests in flight."""
+"""What the probes report of a front-end: started, ready or not (and why), draining, requests in flight."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from service.errors import Draining
 
 
 class Lifecycle:
-    def __init__(self) -> None:
-        self.started = False  # model loaded, providers checked, warmed up, batcher running
-        self.draining = False
+    def __init__(self, retry_after_s: int, on_refused: Callable[[], None], on_count: Callable[[int], None]) -> None:
+        self.started = False  # the engine welcomed this front-end once: model loaded, checked, warm
+        self.engine_connected = False
+        self.draining = False  # the one drain flag: readiness, admission and the engine client read it
+        self._retry_after_s = retry_after_s
+        self._on_refused = on_refused  # counts a draining refusal
+        self._on_count = on_count  # told the number of requests in flight whenever it changes
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -25,7 +29,9 @@ class Lifecycle:
         if self.draining:
             return "draining: the server is shutting down"
         if not self.started:
-            return "starting: the model is loading or warming up"
+            return "starting: the engine is loading or warming up the model"
+        if not self.engine_connected:
+            return "the engine is not running: it is being restarted"
         return None
 
     def begin_drain(self) -> None:
@@ -35,13 +41,16 @@ class Lifecycle:
     def track(self) -> Iterator[None]:
         """Count a unit of work for the drain to wait on; refused (503) once draining began."""
         if self.draining:
-            raise Draining("the server is shutting down; retry on another replica", retry_after=1)
+            self._on_refused()
+            raise Draining("the server is shutting down; retry on another replica", retry_after=self._retry_after_s)
         self._in_flight += 1
+        self._on_count(self._in_flight)
         self._idle.clear()
         try:
             yield
         finally:
             self._in_flight -= 1
+            self._on_count(self._in_flight)
             if self._in_flight == 0:
                 self._idle.set()
 

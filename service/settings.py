@@ -36,14 +36,24 @@ class Settings(BaseSettings):
         0, ge=0, description="onnxruntime sessions run side by side; 0 = one per core on CPU, 1 on CUDA"
     )
     intra_op_threads: int = Field(1, ge=1, description="threads inside each session")
-    preprocess_threads: int = Field(0, ge=0, description="decode/resize threads; 0 = as many as cores")
+    preprocess_threads: int = Field(0, ge=0, description="decode/resize threads per front-end; 0 = as many as cores")
+
+    # Processes
+    frontend_processes: int | Literal["auto"] = Field(
+        "auto", description="HTTP/decode front-end processes feeding the one engine; auto: see resolved_frontends()"
+    )
+    engine_restarts: int = Field(
+        3, ge=0, description="restarts of a dead engine within 10 minutes before the server exits 1; 0: exit at once"
+    )
 
     # Batching and admission
     max_batch_size: int = Field(8, ge=1, description="most images in one forward pass")
     # 0 on CPU: batches still form whenever every session is busy, and an idle session should
     # not wait for company. On a GPU, where batch size pays, a few ms is worth waiting.
     max_wait_ms: float = Field(0.0, ge=0, description="how long the first image waits for others to join")
-    max_queue_images: int = Field(256, ge=1, description="images admitted but not yet run; beyond it: 429")
+    max_queue_images: int = Field(
+        256, ge=1, description="images admitted and not yet answered, shared out between the front-ends; beyond: 429"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline per request; beyond it: 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429 and 503")
 
@@ -51,6 +61,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit, enforced while reading: 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height from the image header: 413")
     max_images_per_request: int = Field(32, ge=1, description="images in one request: 413")
+    max_form_fields: int = Field(16, ge=0, description="multipart parts other than `file` in one request: 413")
+    max_part_header_bytes: int = Field(16384, ge=256, description="one multipart part's header block: 400")
     default_top_k: int = Field(5, ge=1, description="predictions per image when top_k is not given")
 
     # Lifecycle and HTTP
@@ -90,6 +102,16 @@ class Settings(BaseSettings):
 
     def resolved_preprocess_threads(self) -> int:
         return self.preprocess_threads or available_cores()
+
+    def resolved_frontends(self) -> int:
+        if self.frontend_processes != "auto":
+            return max(1, self.frontend_processes)
+        # One per core, at most 8: measured by `vit-bench frontends`.
+        return min(available_cores(), 8)
+
+    def image_slots_per_frontend(self) -> int:
+        """Each front-end admits its share of max_queue_images, and at least one full request."""
+        return max(-(-self.max_queue_images // self.resolved_frontends()), self.max_images_per_request)
 
 
 @lru_cache

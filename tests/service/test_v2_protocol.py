@@ -35,7 +35,10 @@ def test_health_and_metadata(triton_client):
     assert "binary_tensor_data" in triton_client.get_server_metadata()["extensions"]
     metadata = triton_client.get_model_metadata(MODEL)
     assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {"image": "BYTES", "pixel_values": "FP32"}
-    assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert metadata["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+        {"name": "embedding", "datatype": "FP32", "shape": [-1, 64]},
+    ]
 
 
 def test_encoded_images_as_bytes_give_probabilities(triton_client, samples, client):
@@ -89,7 +92,7 @@ def test_errors_use_the_protocols_error_body(triton_client, client, samples):
         triton_client.infer(MODEL, [broken])
     wrong = triton.InferInput("pixel_values", [1, 3, 8, 8], "FP32")
     wrong.set_data_from_numpy(np.zeros((1, 3, 8, 8), dtype=np.float32))
-    with pytest.raises(InferenceServerException, match=r"pixel_values' must be \[N, 1, 28, 28\]"):
+    with pytest.raises(InferenceServerException, match=r"pixel_values' must be FP32 with shape \[N, 1, 28, 28\]"):
         triton_client.infer(MODEL, [wrong])
     response = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": []})
     assert response.status_code == 400 and "error" in response.json()

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 router = APIRouter(tags=["demo"])
-PAGE = Path(__file__).resolve().parents[1] / "static" / "index.html"
+PAGE = Path(__file__).resolve().parents[2] / "static" / "index.html"
 
 
 @router.get("/", include_in_schema=False)

@@ -21,6 +21,12 @@ class AttentionOut(BaseModel):
     rollout: list[list[float]] = Field(description="attention rollout through every block (heads averaged)")
     last_layer: list[list[float]] = Field(description="the class token's attention in the last block, heads averaged")
     heatmap_png: str = Field(description="base64 PNG at the model's input size: the rollout over the image it saw")
+    token_shares: dict[str, float] | None = Field(
+        None,
+        description="the class token's last-layer attention per kind of token: class, distillation, register, "
+        "patches (sums to 1); for models whose graph reports its prefix tokens",
+        examples=[{"class": 0.04, "register": 0.41, "patches": 0.55}],
+    )
 
 
 class ImageResultOut(BaseModel):
@@ -32,6 +38,18 @@ class ImageResultOut(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str = Field(examples=["fashion-mnist-vit"])
     results: list[ImageResultOut] = Field(description="one entry per image, in upload order")
+
+
+class EmbeddingOut(BaseModel):
+    filename: str = Field(description="the upload's filename, or its position", examples=["boot.png"])
+    embedding: list[float] = Field(description="the final [class]-token vector, after the final norm")
+
+
+class EmbedResponse(BaseModel):
+    model: str = Field(examples=["fashion-mnist-vit"])
+    dimension: int = Field(examples=[64])
+    normalized: bool = Field(description="whether each vector was scaled to unit L2 norm")
+    results: list[EmbeddingOut] = Field(description="one entry per image, in upload order")
 
 
 class ErrorResponse(BaseModel):
@@ -55,8 +73,9 @@ class InputSize(BaseModel):
 class BatchingOut(BaseModel):
     max_batch_size: int
     max_wait_ms: float
-    max_queue_images: int
-    session_workers: int
+    max_queue_images: int = Field(description="images admitted at once over every front-end")
+    frontend_processes: int = Field(description="HTTP/decode processes feeding the one engine")
+    session_workers: int = Field(description="onnxruntime sessions the engine runs side by side")
     intra_op_threads: int
 
 
@@ -72,8 +91,9 @@ class ModelInfo(BaseModel):
     variant_gate: dict[str, object] | None = Field(
         None, description="a reduced-precision variant's measured accuracy gate"
     )
-    provider: str = Field(description="the execution provider the session reports, not the one asked for")
+    provider: str = Field(description="the execution provider the engine's session reports, not the one asked for")
     requested_providers: list[str]
+    outputs: dict[str, list[int]] = Field(description="each graph output per image: name -> shape")
     batching: BatchingOut
     onnx_sha256: str | None
     source_sha256: str | None

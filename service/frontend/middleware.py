@@ -12,7 +12,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.logs import request_id
-from service.metrics import Metrics
+from service.metrics import FrontendMetrics
 
 logger = logging.getLogger("service.access")
 REQUEST_ID_HEADER = "x-request-id"
@@ -22,7 +22,7 @@ _QUIET_ROUTES = {"/livez", "/readyz", "/startupz", "/metrics", "/v2/health/live"
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: FrontendMetrics) -> None:
         self.app = app
         self.metrics = metrics
         # Generated IDs: a random per-process prefix and a counter, as unique across replicas as

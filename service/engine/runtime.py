@@ -1,8 +1,9 @@
-"""The onnxruntime backend: session workers, the provider check, warm-up and `predict`."""
+"""The onnxruntime backend: sessions of one graph, the provider check, warm-up and `predict`."""
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ except ImportError as exc:  # the runtime is an extra: say which one to install
         "onnxruntime is not installed: pip install 'vit-serve[cpu]' (or 'vit-serve[gpu]' for CUDA)"
     ) from exc
 
-from model_export.manifest import FORMAT_VERSION, MANIFEST_METADATA_KEY, Manifest
+from model_export.manifest import Manifest
 from service.errors import StartupError
 from service.settings import Settings
 
@@ -40,48 +41,14 @@ def requested_providers(setting: str, available: list[str]) -> list[str]:
     return [CPU]
 
 
-def load_manifest(model_dir: Path) -> Manifest:
-    """manifest.json beside the model, or the copy embedded in the ONNX metadata."""
-    try:
-        return _current(Manifest.read(model_dir), model_dir)
-    except FileNotFoundError:
-        pass
-    except ValueError as exc:
-        raise StartupError(f"{model_dir}/manifest.json is invalid: {exc}") from exc
-    onnx_path = model_dir / "model.onnx"
-    if not onnx_path.is_file():
-        raise StartupError(f"no manifest.json or model.onnx in {model_dir}")
-    meta = ort.InferenceSession(str(onnx_path), providers=[CPU]).get_modelmeta().custom_metadata_map
-    if MANIFEST_METADATA_KEY not in meta:
-        raise StartupError(
-            f"{onnx_path} has no manifest.json beside it and none in its metadata: export it with vit-export"
-        )
-    return _current(Manifest.from_json(meta[MANIFEST_METADATA_KEY]), model_dir)
-
-
-def _current(manifest: Manifest, model_dir: Path) -> Manifest:
-    if manifest.format_version < FORMAT_VERSION:
-        raise StartupError(
-            f"{model_dir} was exported by an older vit-export (manifest format {manifest.format_version}, "
-            f"float input); re-export it with this version: vit-export CHECKPOINT --out {model_dir}"
-        )
-    return manifest
-
-
 class OnnxBackend:
-    """N independent sessions of one graph; `predict` borrows a free one, so N batches run side by side."""
+    """N independent sessions of one graph; `predict` borrows a free one, so N batches run side by side.
 
-    def __init__(
-        self,
-        onnx_path: Path,
-        manifest: Manifest,
-        settings: Settings,
-        output_names: list[str],
-        workers: int | None = None,
-    ) -> None:
+    Every output of the graph is computed and returned, in the graph's order (logits first)."""
+
+    def __init__(self, onnx_path: Path, manifest: Manifest, settings: Settings, workers: int | None = None) -> None:
         self.manifest = manifest
         self.onnx_path = onnx_path
-        self.output_names = output_names
         if not self.onnx_path.is_file():
             raise StartupError(f"model file {self.onnx_path} not found")
         available = ort.get_available_providers()
@@ -97,18 +64,14 @@ class OnnxBackend:
                 raise StartupError(message)
             logger.warning(message)
         self.on_cuda = active == CUDA
-        self._check_io_names(first)
+        self.output_names = self._check_io_names(first)
         self.workers = workers or settings.resolved_session_workers(self.on_cuda)
         sessions = [first] + [self._new_session(requested, settings.intra_op_threads) for _ in range(self.workers - 1)]
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
         logger.info(
-            "%s on %s: %d session(s) x %d thread(s)",
-            onnx_path.name,
-            active,
-            self.workers,
-            settings.intra_op_threads,
+            "%s on %s: %d session(s) x %d thread(s)", onnx_path.name, active, self.workers, settings.intra_op_threads
         )
 
     def _new_session(self, providers: list[str], threads: int) -> ort.InferenceSession:
@@ -121,22 +84,26 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own exception types for invalid models
             raise StartupError(f"onnxruntime cannot load {self.onnx_path}: {exc}") from exc
 
-    def _check_io_names(self, session: ort.InferenceSession) -> None:
+    def _check_io_names(self, session: ort.InferenceSession) -> list[str]:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
-        if inputs != self.manifest.input_names or not set(self.output_names) <= set(outputs):
+        if (
+            inputs != self.manifest.input_names
+            or outputs[: len(self.manifest.output_names)] != self.manifest.output_names
+        ):
             raise StartupError(
-                f"{self.onnx_path.name}: graph inputs {inputs} / outputs {outputs} do not match the expected "
-                f"{self.manifest.input_names} / {self.output_names}"
+                f"{self.onnx_path.name}: graph inputs {inputs} / outputs {outputs} do not match the manifest's "
+                f"{self.manifest.input_names} / {self.manifest.output_names}"
             )
+        return outputs
 
     @property
     def provider(self) -> str:
         return self.providers.active
 
     def predict(self, pixels: np.ndarray, tensors: np.ndarray) -> list[np.ndarray]:
-        """Every output (logits first), each (B + B2, ...), for uint8 (B, H, W, C) pixels and
-        already-normalised float32 (B2, C, H, W) tensors; blocking, thread-safe."""
+        """Every output, each (B + B2, ...), for uint8 (B, H, W, C) pixels and already-normalised
+        float32 (B2, C, H, W) tensors, pixel rows first; blocking, thread-safe."""
         session = self._free.get()
         try:
             return self._run(session, pixels, tensors)
@@ -147,8 +114,8 @@ class OnnxBackend:
         feeds = dict(zip(self.manifest.input_names, (pixels, tensors), strict=True))
         if not self.on_cuda:
             return session.run(self.output_names, feeds)  # type: ignore[no-any-return]
-        # IO binding: one host-to-device copy in, the outputs allocated on the device and
-        # copied back once, instead of run()'s extra staging copies.
+        # IO binding: one host-to-device copy in (uint8 pixels: a quarter of float32's bytes), the
+        # outputs allocated on the device and copied back once, instead of run()'s staging copies.
         binding = session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
@@ -157,21 +124,28 @@ class OnnxBackend:
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()  # type: ignore[no-any-return]
 
-    def warm_up(self, batch_sizes: list[int], pixel_shape: tuple[int, int, int]) -> None:
-        """A real forward pass at each batch size, on every session."""
+    def warm_up(self, batch_sizes: list[int], pixel_shape: tuple[int, int, int]) -> list[tuple[str, tuple[int, ...]]]:
+        """A real forward pass at each batch size on every session; returns each output's name and
+        per-image shape, checked against the batch and for finite logits."""
         height, width, channels = pixel_shape
         no_tensors = np.empty((0, channels, height, width), dtype=np.float32)
         sessions = [self._free.get() for _ in range(self.workers)]
         try:
             for session in sessions:
                 for size in batch_sizes:
-                    pixels = np.zeros((size, *pixel_shape), dtype=np.uint8)
-                    logits = self._run(session, pixels, no_tensors)[0]
+                    outputs = self._run(session, np.zeros((size, *pixel_shape), dtype=np.uint8), no_tensors)
+                    logits = outputs[0]
                     if logits.shape != (size, self.manifest.num_classes) or not np.isfinite(logits).all():
                         raise StartupError(f"warm-up at batch {size} gave {logits.shape} / non-finite logits")
         finally:
             for session in sessions:
                 self._free.put(session)
+        return [(name, tuple(output.shape[1:])) for name, output in zip(self.output_names, outputs, strict=True)]
+
+
+def row_size(rows: list[tuple[str, tuple[int, ...]]]) -> int:
+    """float32 values in one image's row of every output."""
+    return sum(math.prod(shape) for _, shape in rows)
 
 
 def warm_up_batch_sizes(max_batch_size: int) -> list[int]:

@@ -7,17 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from service.frontend.routes.dependencies import get_lifecycle
+from service.frontend.schemas import HealthResponse
 from service.lifecycle import Lifecycle
-from service.routes.dependencies import get_lifecycle
-from service.schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
 _NOT_READY = {503: {"model": HealthResponse, "description": "not ready (starting or draining), with the reason"}}
 
 
 def _provider(request: Request) -> str | None:
-    classifier = getattr(request.app.state, "classifier", None)
-    return classifier.backend.provider if classifier is not None else None
+    """The provider the engine's session runs on, as it last reported it; None before it ever did."""
+    info = request.app.state.engine.info
+    return info.provider if info is not None else None
 
 
 @router.get("/livez", response_model=HealthResponse, summary="Liveness: the process answers")

@@ -1,0 +1,69 @@
+"""How the supervisor starts a child process, and what the child is told.
+
+Everything a child needs arrives as one JSON document on its stdin (settings, the manifest, the
+ring's layout, descriptor numbers): nothing secret appears on a command line or in the
+environment. A child reports "ready" or its start-up error as one JSON line on a status pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass
+
+from model_export.manifest import Manifest
+from service.settings import Settings
+from service.shm_ring import RingLayout
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Boot:
+    role: str  # "engine" or "frontend"
+    partition: int  # the front-end's index (its slots, its log name); 0 for the engine
+    settings: dict[str, object]
+    manifest: str  # JSON
+    layout: dict[str, object]
+    ring_fd: int
+    status_fd: int  # write end of the pipe the supervisor reads this child's "ready" from
+    engine_address: str  # the engine's abstract Unix socket name
+    listen_fd: int  # the shared HTTP listening socket (front-ends); -1 for the engine
+    metrics_dir: str
+    supervisor_pid: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @property
+    def name(self) -> str:
+        return self.role if self.role == "engine" else f"frontend-{self.partition}"
+
+    def typed(self) -> tuple[Settings, Manifest, RingLayout]:
+        return (
+            Settings.model_validate(self.settings),
+            Manifest.from_json(self.manifest),
+            RingLayout.from_dict(self.layout),
+        )
+
+
+def read_boot() -> Boot:
+    """The child's side: read the boot document, and arrange to stop if the supervisor dies."""
+    boot = Boot(**json.loads(sys.stdin.buffer.read()))
+    # If the supervisor is killed (even with -9), the kernel sends us SIGTERM, which drains: no
+    # orphan keeps serving on the port, and the ring's memory goes with the last of us.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != boot.supervisor_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return boot
+
+
+def report(status_fd: int, **fields: object) -> None:
+    """One JSON line to the supervisor: {"ready": true, ...} or {"error": "..."}."""
+    with contextlib.suppress(OSError):  # the supervisor is gone; PDEATHSIG tells us what to do
+        os.write(status_fd, json.dumps(fields).encode() + b"\n")

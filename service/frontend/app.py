@@ -1,0 +1,93 @@
+"""`create_app(...)`: one front-end's FastAPI app; its lifespan connects to the engine and drains."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Response
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from model_export.manifest import Manifest
+from service.errors import install_error_handlers
+from service.frontend.access import require_api_key
+from service.frontend.body import BodyLimits
+from service.frontend.engine_client import EngineClient, EngineInfo
+from service.frontend.middleware import RequestContextMiddleware
+from service.frontend.routes import classify, demo, embed, health, models, v2
+from service.metrics import FrontendMetrics, render
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# How long a new front-end waits for the engine's welcome: the engine may still be warming up a
+# large model, or finishing the batches of the front-end this one replaces.
+ENGINE_WAIT_S = 600.0
+
+
+def create_app(
+    settings: Settings,
+    manifest: Manifest,
+    engine: EngineClient,
+    metrics: FrontendMetrics,
+    metrics_dir: str,
+    on_ready: Callable[[EngineInfo], None],
+) -> FastAPI:
+    lifecycle = engine.lifecycle
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        info = await engine.start(ENGINE_WAIT_S)
+        metrics.model_info.labels(model=manifest.name, provider=info.provider, variant=manifest.variant).set(1)
+        on_ready(info)
+        logger.info("ready: %s on %s", manifest.name, info.provider)
+        try:
+            yield
+        finally:
+            lifecycle.begin_drain()
+            engine.fail_waiting()
+            if not await lifecycle.wait_idle(settings.drain_grace_s):
+                logger.warning(
+                    "drain grace of %.1f s passed with %d requests in flight",
+                    settings.drain_grace_s,
+                    lifecycle.in_flight,
+                )
+            await engine.close()
+            logger.info("stopped")
+
+    app = FastAPI(
+        title="ViT classification service",
+        summary="Image classification with a Vision Transformer on onnxruntime, with dynamic micro-batching.",
+        version="0.2.0",
+        lifespan=lifespan,
+        root_path=settings.root_path,
+    )
+    app.state.settings = settings
+    app.state.manifest = manifest
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+    height, width, channels = engine.ring.layout.pixel_shape
+    app.state.limits = BodyLimits.from_settings(settings, values_per_image=height * width * channels)
+    install_error_handlers(app)
+    for module in (classify, embed, models, health, v2, demo):
+        app.include_router(module.router)
+
+    metrics_guard = [Depends(require_api_key)] if settings.metrics_require_key else []
+
+    @app.get("/metrics", include_in_schema=False, dependencies=metrics_guard)
+    async def prometheus() -> Response:
+        return Response(render(metrics_dir), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "X-Request-Timeout"],
+            expose_headers=["X-Request-ID", "X-Queue-Time-Ms", "X-Inference-Time-Ms", "X-Preprocess-Time-Ms"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

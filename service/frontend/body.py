@@ -1,0 +1,116 @@
+"""Reading request bodies under a budget: what both protocols' parsers share.
+
+Every parser gets a `BodyLimits` and stops as soon as a body crosses one, so the work a hostile
+body can cause is bounded by the limits, not by its size. JSON is checked before it is parsed
+with two C-speed passes (values counted by commas, nesting depth by brackets), so a deep or
+huge document is refused without building it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import BadRequest, PayloadTooLarge, ServiceError, TooManyImages
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Only the four bracket bytes survive; as int8, openers count +1 and closers -1.
+_OPEN, _CLOSE = 1, 255
+_BRACKETS = bytes(_OPEN if b in b"[{" else _CLOSE if b in b"]}" else 0 for b in range(256))
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    max_bytes: int  # the whole body
+    max_images: int  # images in one request
+    max_form_fields: int  # multipart parts that are not `file`
+    max_part_header_bytes: int  # one multipart part's header block
+    max_json_depth: int  # nesting of arrays and objects
+    max_json_values: int  # array elements and object members, all levels together
+
+    @classmethod
+    def from_settings(cls, settings: Settings, values_per_image: int) -> BodyLimits:
+        """values_per_image: numbers in one already-normalised image (the OIP FP32 input in JSON)."""
+        return cls(
+            max_bytes=settings.max_body_bytes,
+            max_images=settings.max_images_per_request,
+            max_form_fields=settings.max_form_fields,
+            max_part_header_bytes=settings.max_part_header_bytes,
+            # {"inputs": [{"data": [N][C][H][W]}]} is the deepest body either protocol accepts.
+            max_json_depth=16,
+            max_json_values=settings.max_images_per_request * values_per_image + 1024,
+        )
+
+    def check_images(self, count: int) -> None:
+        if count > self.max_images:
+            raise TooManyImages(f"{count} images in one request; the limit is {self.max_images}")
+
+
+async def stream(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+    """The body's chunks, refused with 413 as soon as it passes max_bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {max_bytes}")
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:  # chunked uploads declare no length: stop as soon as it is exceeded
+                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            yield chunk
+    except ClientDisconnect:
+        raise BadRequest("the client closed the connection before the body was complete") from None
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    return b"".join([chunk async for chunk in stream(request, max_bytes)])
+
+
+def load_json(data: bytes, limits: BodyLimits, what: str) -> object:
+    """json.loads with its work bounded first: at most max_json_values values, max_json_depth deep."""
+    if data.count(b",") >= limits.max_json_values:
+        raise PayloadTooLarge(f"{what} holds more than {limits.max_json_values} JSON values")
+    brackets = data.translate(None, _NOT_BRACKETS)
+    if len(brackets) > 2 * limits.max_json_values:
+        raise PayloadTooLarge(f"{what} holds more than {limits.max_json_values} JSON arrays and objects")
+    if brackets:
+        nesting = np.frombuffer(brackets.translate(_BRACKETS), dtype=np.int8).cumsum(dtype=np.int32)
+        if int(nesting.max()) > limits.max_json_depth:
+            raise BadRequest(f"{what} nests deeper than {limits.max_json_depth} levels")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+
+
+def decode_base64(text: str, part: str) -> bytes:
+    """Plain base64 or a data: URL, as browsers write them; 400 naming the part otherwise."""
+    if text.startswith("data:") and "," in text[:256]:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("not valid base64", part=part) from None
+
+
+@contextlib.contextmanager
+def last_line_of_defence() -> Iterator[None]:
+    """Whatever a parser did not foresee in a body is the body's fault: 400, logged with the request ID."""
+    try:
+        yield
+    except ServiceError:
+        raise
+    except Exception:
+        logger.exception("unexpected error while reading a request body")
+        raise BadRequest("the request body could not be read") from None

@@ -1,0 +1,435 @@
+"""The one core call both protocols use: admission, decode into this front-end's slots, hand them
+to the engine, await their rows within the deadline and while the client stays, give them back.
+
+A slot is in exactly one place: free here, being written here (decode), or in the engine (from
+SUBMIT until its DONE). A request that gives up (deadline, disconnect, error) leaves its slots in
+the engine as orphans, freed when their DONE arrives. If the engine dies, nothing touches the
+slots any more: orphans are freed at once, and the images of requests still waiting are sent
+again to the next engine (once; a request whose images outlive two engines fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidParameter,
+    NotReady,
+    Overloaded,
+    ServiceError,
+)
+from service.frontend.decode import Decoder
+from service.frontend.uploads import Upload
+from service.lifecycle import Lifecycle
+from service.metrics import FrontendMetrics
+from service.settings import Settings
+from service.shm_ring import (
+    Done,
+    Graph,
+    Kind,
+    Ring,
+    Status,
+    cancel,
+    hello,
+    kind_of,
+    parse_done,
+    parse_welcome,
+    submit,
+)
+
+logger = logging.getLogger(__name__)
+MAX_MESSAGE = 1 << 16
+RECONNECT_S = 0.05  # between attempts while the engine restarts
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine said of itself when it welcomed this front-end."""
+
+    provider: str
+    requested_providers: list[str]
+    session_workers: int
+    intra_op_threads: int
+    rows: dict[str, list[tuple[str, tuple[int, ...]]]]  # graph -> each output's name and per-image shape
+
+    @classmethod
+    def from_json(cls, data: bytes) -> EngineInfo:
+        raw = json.loads(data)
+        rows = {graph: [(name, tuple(shape)) for name, shape in outputs] for graph, outputs in raw["rows"].items()}
+        return cls(raw["provider"], raw["requested_providers"], raw["session_workers"], raw["intra_op_threads"], rows)
+
+    def has(self, graph: Graph) -> bool:
+        return graph.name.lower() in self.rows
+
+    def row_shape(self, output: str, graph: Graph = Graph.PLAIN) -> tuple[int, ...]:
+        return dict(self.rows[graph.name.lower()])[output]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The engine's answer to one request: each image's output rows (copied out of the ring)."""
+
+    rows: list[dict[str, np.ndarray]]
+    pixels: list[np.ndarray] | None  # what the model saw, for explain's heat map
+    preprocess_s: float  # the slowest image's decode
+    queue_wait_s: float  # the longest wait in the engine's queue
+    inference_s: float  # the longest batch these images ran in
+
+
+@dataclass(eq=False)
+class _Request:
+    graph: Graph
+    deadline: float  # time.monotonic()
+    slots: list[int]
+    unsent: set[int] = field(default_factory=set)  # waiting for an engine to send them to
+    done: dict[int, Done] = field(default_factory=dict)
+    outcome: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    engines_lost: int = 0
+
+    def fail(self, error: ServiceError) -> None:
+        if not self.outcome.done():
+            self.outcome.set_exception(error)
+
+
+class EngineClient:
+    def __init__(
+        self,
+        ring: Ring,
+        partition: int,
+        address: str,
+        settings: Settings,
+        decoder: Decoder,
+        lifecycle: Lifecycle,
+        metrics: FrontendMetrics,
+    ) -> None:
+        self.ring = ring
+        self.partition = partition
+        self.address = address
+        self.settings = settings
+        self.decoder = decoder
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        layout = ring.layout
+        # Stacks: the slot freed last is reused first, so a light load keeps touching the same pages.
+        self._free_images = list(reversed(layout.image_slot_ids(partition)))
+        self._free_tensors = list(reversed(layout.tensor_slot_ids(partition)))
+        self._in_engine: dict[int, _Request | None] = {}  # None: an orphan, freed on its DONE
+        self._requests: set[_Request] = set()
+        self._decode_pool = ThreadPoolExecutor(settings.resolved_preprocess_threads(), thread_name_prefix="decode")
+        self._sock: socket.socket | None = None
+        self._connection: asyncio.Task[None] | None = None
+        self._welcomed = asyncio.Event()
+        self.info: EngineInfo | None = None
+
+    @property
+    def model_info(self) -> EngineInfo:
+        """The engine's welcome; routes run only after the lifespan received it."""
+        assert self.info is not None
+        return self.info
+
+    # --- the connection --------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.lifecycle.engine_connected
+
+    async def start(self, timeout_s: float) -> EngineInfo:
+        """Connect (and keep reconnecting) to the engine; returns once it has welcomed us."""
+        self._connection = asyncio.get_running_loop().create_task(self._stay_connected(), name="engine-connection")
+        async with asyncio.timeout(timeout_s):
+            await self._welcomed.wait()
+        assert self.info is not None
+        return self.info
+
+    async def _stay_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self.address)
+                await loop.sock_sendall(sock, hello(self.partition))
+                message = await loop.sock_recv(sock, MAX_MESSAGE)
+                if not message or kind_of(message) != Kind.WELCOME:
+                    raise ConnectionError("the engine closed the connection before welcoming us")
+            except OSError:
+                sock.close()
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            self.info = EngineInfo.from_json(parse_welcome(message))
+            self._sock = sock
+            lost = loop.create_future()
+            loop.add_reader(sock.fileno(), self._on_readable, sock, lost)
+            self.lifecycle.started = self.lifecycle.engine_connected = True
+            self._resubmit()
+            self._welcomed.set()
+            logger.info("connected to the engine (%s)", self.info.provider)
+            await lost
+            loop.remove_reader(sock.fileno())
+            sock.close()
+            self._sock = None
+            self.lifecycle.engine_connected = False
+            self._engine_lost()
+
+    def _on_readable(self, sock: socket.socket, lost: asyncio.Future[None]) -> None:
+        while True:
+            try:
+                message = sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:
+                if not lost.done():
+                    lost.set_result(None)
+                return
+            for record in parse_done(message):
+                self._on_done(record)
+
+    def _on_done(self, record: Done) -> None:
+        request = self._in_engine.pop(record.slot)
+        if request is None:
+            self._free(record.slot)
+            return
+        request.done[record.slot] = record
+        if record.status == Status.FAILED:
+            request.fail(InferenceFailed("inference failed for a batch holding this request's images"))
+        elif record.status == Status.EXPIRED:
+            request.fail(DeadlineExceeded("the request's deadline passed while its images were queued"))
+        elif len(request.done) == len(request.slots) and not request.outcome.done():
+            request.outcome.set_result(None)
+
+    def _engine_lost(self) -> None:
+        """Nothing touches the slots now: orphans are free; waiting requests keep theirs for the next engine."""
+        logger.warning("lost the engine: %d image(s) were in it", len(self._in_engine))
+        for slot, request in list(self._in_engine.items()):
+            del self._in_engine[slot]
+            if request is None:
+                self._free(slot)
+            else:
+                request.unsent.add(slot)
+        for request in self._requests:
+            if request.unsent:
+                request.engines_lost += 1
+                if request.engines_lost > 1:
+                    request.fail(InferenceFailed("the engine stopped twice while this request's images were in it"))
+        if self.lifecycle.draining:
+            self.fail_waiting()
+
+    def fail_waiting(self) -> None:
+        """While draining no engine comes back: whatever still waits for one is answered now."""
+        if not self.connected:
+            for request in self._requests:
+                request.fail(NotReady("the engine stopped while the server drains"))
+
+    def _resubmit(self) -> None:
+        for request in self._requests:
+            if request.unsent and not request.outcome.done():
+                self._send(request, sorted(request.unsent))
+
+    def _send(self, request: _Request, slots: list[int]) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.send(submit(request.graph, slots, request.deadline))
+        except OSError:  # the engine is going; the reader sees it and these slots wait for the next one
+            request.unsent.update(slots)
+            return
+        request.unsent.difference_update(slots)
+        for slot in slots:
+            self._in_engine[slot] = request
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connection
+        if self._sock is not None:
+            self._sock.close()
+        self._decode_pool.shutdown(wait=True)
+
+    # --- admission -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count the request for the drain and refuse it now if it cannot be served: 503 while
+        draining or without an engine, 429 when this front-end has no free slot. Checked before
+        the body is read, so a full server answers without reading uploads it would refuse."""
+        with self.lifecycle.track():
+            self._check_ready()
+            if not self._free_images:
+                self._refuse_full(1, "images")
+            yield
+
+    def _check_ready(self) -> None:
+        if not self.connected:
+            raise NotReady("the engine is not running (it is starting or restarting)", retry_after=self._retry)
+
+    @property
+    def _retry(self) -> int:
+        return self.settings.retry_after_s
+
+    def _refuse_full(self, count: int, kind: str) -> None:
+        self.metrics.rejections.labels(reason="overloaded").inc()
+        raise Overloaded(
+            f"no room for {count} more {kind} on this front-end "
+            f"({self.ring.layout.image_slots} images admitted at most); retry later",
+            retry_after=self._retry,
+        )
+
+    def _reserve(self, images: int, tensors: int) -> list[int]:
+        self._check_ready()
+        if images > len(self._free_images):
+            self._refuse_full(images, "images")
+        if tensors > len(self._free_tensors):
+            self._refuse_full(tensors, "FP32 tensors")
+        slots = [self._free_images.pop() for _ in range(images)] + [self._free_tensors.pop() for _ in range(tensors)]
+        self.metrics.images_in_flight.inc(len(slots))
+        return slots
+
+    def _free(self, slot: int) -> None:
+        (self._free_tensors if self.ring.layout.is_tensor(slot) else self._free_images).append(slot)
+        self.metrics.images_in_flight.dec()
+
+    # --- the core call ---------------------------------------------------------------------
+
+    async def run(
+        self,
+        inputs: Sequence[Upload | np.ndarray],
+        *,
+        deadline: float,
+        explain: bool = False,
+        gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> Answer:
+        """Each input's output rows, in order. Uploads are decoded here; float32 (C, H, W) arrays
+        are already-normalised rows (the OIP FP32 input). Typed errors: the first bad upload
+        (naming its part), 429/503 at admission, 504 past the deadline, 499 when the client left."""
+        graph = Graph.EXPLAIN if explain else Graph.PLAIN
+        if self.info is not None and not self.info.has(graph):
+            raise InvalidParameter("explain=true needs model_explain.onnx: export the model without --no-explain")
+        uploads = [item for item in inputs if isinstance(item, Upload)]
+        tensors = [item for item in inputs if not isinstance(item, Upload)]
+        reserved = self._reserve(len(uploads), len(tensors))
+        image_slots, tensor_slots = iter(reserved[: len(uploads)]), iter(reserved[len(uploads) :])
+        slots = [next(tensor_slots) if isinstance(item, np.ndarray) else next(image_slots) for item in inputs]
+        request = _Request(graph, deadline, slots)
+        try:
+            decode_s = await self._fill(inputs, slots)
+            self._requests.add(request)
+            if self.connected:
+                self._send(request, slots)
+            else:
+                request.unsent.update(slots)
+            await self._wait(request, gone)
+            answer = self._read(request, decode_s, with_pixels=explain)
+        finally:
+            self._requests.discard(request)
+            self._give_back(request)
+        self.metrics.images.inc(len(slots))
+        return answer
+
+    async def _fill(self, inputs: Sequence[Upload | np.ndarray], slots: list[int]) -> float:
+        """Write every input into its slot; the slowest decode's seconds. Every decode finishes
+        before this returns or raises: a slot is never freed while a thread still writes it."""
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for item, slot in zip(inputs, slots, strict=True):
+            if isinstance(item, Upload):
+                jobs.append(loop.run_in_executor(self._decode_pool, self._decode, item, slot))
+            else:
+                self.ring.tensors[self.ring.tensor_index(slot)] = item
+        everything = asyncio.gather(*jobs, return_exceptions=True)
+        try:
+            outcomes = await asyncio.shield(everything)
+        except asyncio.CancelledError:
+            await everything
+            raise
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return max(outcomes, default=0.0)
+
+    def _decode(self, upload: Upload, slot: int) -> float:
+        started = time.perf_counter()
+        try:
+            self.decoder.decode_into(upload.data, self.ring.pixels[slot])
+        except ServiceError as exc:
+            exc.part = upload.name
+            raise
+        elapsed = time.perf_counter() - started
+        self.metrics.preprocess_seconds.observe(elapsed)
+        return elapsed
+
+    async def _wait(self, request: _Request, gone: Callable[[], Awaitable[object]] | None) -> None:
+        remaining = request.deadline - time.monotonic()
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        try:
+            async with asyncio.timeout(max(0.0, remaining)):
+                if watcher is None:
+                    await request.outcome
+                    return
+                await asyncio.wait({request.outcome, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not request.outcome.done():
+                    self.metrics.rejections.labels(reason="client_disconnected").inc()
+                    raise ClientDisconnected("the client closed the connection before its answer")
+                request.outcome.result()
+        except TimeoutError:
+            self.metrics.rejections.labels(reason="deadline").inc()
+            raise DeadlineExceeded("the request's deadline passed before its images were classified") from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    def _read(self, request: _Request, decode_s: float, with_pixels: bool) -> Answer:
+        assert self.info is not None
+        layout = self._row_layout(request.graph)
+        rows = []
+        for slot in request.slots:
+            row = self.ring.outputs[slot]
+            rows.append({name: row[start:stop].reshape(shape).copy() for name, start, stop, shape in layout})
+        pixels = [self.ring.pixels[slot].copy() for slot in request.slots] if with_pixels else None
+        done = list(request.done.values())
+        return Answer(
+            rows,
+            pixels,
+            decode_s,
+            max(record.queue_wait_s for record in done),
+            max(record.inference_s for record in done),
+        )
+
+    def _row_layout(self, graph: Graph) -> list[tuple[str, int, int, tuple[int, ...]]]:
+        assert self.info is not None
+        spans, start = [], 0
+        for name, shape in self.info.rows[graph.name.lower()]:
+            stop = start + math.prod(shape)
+            spans.append((name, start, stop, shape))
+            start = stop
+        return spans
+
+    def _give_back(self, request: _Request) -> None:
+        """Free what is ours; what is still in the engine becomes an orphan, cancelled there."""
+        if request.outcome.done() and not request.outcome.cancelled():
+            request.outcome.exception()  # seen: a failure that lost the race to a timeout is no news
+        orphans = []
+        for slot in request.slots:
+            if slot in self._in_engine:
+                self._in_engine[slot] = None
+                orphans.append(slot)
+            else:
+                self._free(slot)
+        if orphans and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(cancel(orphans))

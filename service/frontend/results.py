@@ -1,0 +1,86 @@
+"""From an image's output rows to what a client reads: top-k labels, probabilities, embeddings, attention."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+
+from model_export.manifest import EMBEDDING_NAME, LAST_LAYER_ATTENTION_NAME, LOGITS_NAME, ROLLOUT_ATTENTION_NAME
+from service.explain import heatmap_png
+
+# The explain graph's share of the [class] token's last-layer attention on each prefix token.
+PREFIX_ATTENTION_NAME = "cls_attention_prefix"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    class_id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Where the [class] token looked: grids over the patches, each summing to 1."""
+
+    rollout: list[list[float]]
+    last_layer: list[list[float]]
+    heatmap_png: str  # base64 PNG of the rollout over the model's view of the image
+    # Share of the last layer's class-token attention per kind of prefix token, and on the patches.
+    token_shares: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class Classification:
+    filename: str
+    predictions: list[Prediction]
+    attention: Attention | None = None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and softmax probabilities of the k largest logits, highest first."""
+    probabilities = softmax(logits)
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return order, probabilities[order]
+
+
+def predictions(rows: dict[str, np.ndarray], labels: list[str], k: int) -> list[Prediction]:
+    indices, scores = top_k(rows[LOGITS_NAME], k)
+    return [Prediction(labels[i], int(i), float(s)) for i, s in zip(indices, scores, strict=True)]
+
+
+def probabilities(rows: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """(N, num_classes) softmax scores."""
+    return softmax(np.stack([r[LOGITS_NAME] for r in rows]))
+
+
+def embeddings(rows: list[dict[str, np.ndarray]], normalize: bool) -> np.ndarray:
+    """(N, D) embeddings, optionally scaled to unit L2 norm."""
+    vectors = np.stack([r[EMBEDDING_NAME] for r in rows]).astype(np.float32)
+    if normalize:
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
+def attention(rows: dict[str, np.ndarray], pixels: np.ndarray, prefix_tokens: list[str]) -> Attention:
+    rollout = rows[ROLLOUT_ATTENTION_NAME]
+    shares = None
+    if PREFIX_ATTENTION_NAME in rows:
+        per_token = rows[PREFIX_ATTENTION_NAME]
+        shares = {}
+        for kind, share in zip(prefix_tokens, per_token, strict=True):
+            shares[kind] = shares.get(kind, 0.0) + float(share)
+        shares["patches"] = max(0.0, 1.0 - float(per_token.sum()))
+    return Attention(
+        rollout=rollout.tolist(),
+        last_layer=rows[LAST_LAYER_ATTENTION_NAME].tolist(),
+        heatmap_png=base64.b64encode(heatmap_png(pixels, rollout)).decode("ascii"),
+        token_shares=shares,
+    )

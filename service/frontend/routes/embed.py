@@ -1,0 +1,54 @@
+"""POST /embed: each image's embedding, the final [class]-token vector, from the same graph run as the logits."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from model_export.manifest import Manifest
+from service.frontend.access import require_api_key
+from service.frontend.body import BodyLimits
+from service.frontend.engine_client import EngineClient
+from service.frontend.results import embeddings
+from service.frontend.routes.classify import timing_headers
+from service.frontend.routes.dependencies import (
+    get_engine,
+    get_limits,
+    get_manifest,
+    request_deadline,
+    wait_for_disconnect,
+)
+from service.frontend.schemas import ERROR_RESPONSES, EmbedResponse
+from service.frontend.uploads import OPENAPI_REQUEST_BODY, read_uploads
+
+router = APIRouter(tags=["embed"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=ERROR_RESPONSES,  # type: ignore[arg-type]
+    openapi_extra={"requestBody": OPENAPI_REQUEST_BODY},
+    summary="Embed one or more images",
+    description="The same inputs, limits and batching as /classify. Returns each image's final [class]-token "
+    "vector (after the final norm, before the head): the image's digest, for search, deduplication and "
+    "clustering. normalize=true scales each to unit L2 norm, so that dot products are cosine similarities.",
+)
+async def embed(
+    request: Request,
+    engine: Annotated[EngineClient, Depends(get_engine)],
+    manifest: Annotated[Manifest, Depends(get_manifest)],
+    limits: Annotated[BodyLimits, Depends(get_limits)],
+    deadline: Annotated[float, Depends(request_deadline)],
+    normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
+) -> Response:
+    with engine.admitted():
+        uploads = await read_uploads(request, limits)
+        answer = await engine.run(uploads, deadline=deadline, gone=partial(wait_for_disconnect, request))
+    vectors = embeddings(answer.rows, normalize)
+    results = [{"filename": u.name, "embedding": v.tolist()} for u, v in zip(uploads, vectors, strict=True)]
+    body = {"model": manifest.name, "dimension": int(vectors.shape[1]), "normalized": normalize, "results": results}
+    return Response(json.dumps(body).encode(), media_type="application/json", headers=timing_headers(answer))

@@ -1,0 +1,53 @@
+"""GET /v1/models: what is served, on which provider (as the engine reports it), with which batching."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from model_export.manifest import Manifest
+from service.frontend.engine_client import EngineClient
+from service.frontend.routes.dependencies import get_engine, get_manifest, get_settings
+from service.frontend.schemas import NOT_READY, BatchingOut, InputSize, ModelInfo, ModelList
+from service.settings import Settings
+
+router = APIRouter(tags=["models"])
+
+
+def model_info(manifest: Manifest, engine: EngineClient, settings: Settings) -> ModelInfo:
+    info = engine.info
+    assert info is not None  # the lifespan waits for the engine's welcome
+    layout = engine.ring.layout
+    height, width, channels = layout.pixel_shape
+    return ModelInfo(
+        name=manifest.name,
+        labels=manifest.labels,
+        input_size=InputSize(channels=channels, height=height, width=width),
+        preprocessing=manifest.preprocessing,
+        pooling=manifest.pooling,
+        variant=manifest.variant,
+        variant_gate=manifest.verification.get("variant_gate"),  # type: ignore[arg-type]
+        provider=info.provider,
+        requested_providers=info.requested_providers,
+        outputs={name: list(shape) for name, shape in info.rows["plain"]},
+        batching=BatchingOut(
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue_images=layout.total_images,
+            frontend_processes=layout.partitions,
+            session_workers=info.session_workers,
+            intra_op_threads=info.intra_op_threads,
+        ),
+        onnx_sha256=manifest.onnx_sha256,
+        source_sha256=manifest.source.sha256,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, summary="The served model", responses=NOT_READY)  # type: ignore[arg-type]
+async def list_models(
+    manifest: Annotated[Manifest, Depends(get_manifest)],
+    engine: Annotated[EngineClient, Depends(get_engine)],
+    settings: Annotated[Settings, Depends(get_settings)],
+) -> ModelList:
+    return ModelList(models=[model_info(manifest, engine, settings)])

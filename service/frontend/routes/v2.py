@@ -1,0 +1,127 @@
+"""Open Inference Protocol v2 (KServe / Triton REST): metadata, and inference through the same core call."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from model_export.manifest import EMBEDDING_NAME, Manifest
+from service.errors import BadRequest, ModelNotFound
+from service.frontend.access import require_api_key
+from service.frontend.body import BodyLimits, read_body
+from service.frontend.engine_client import EngineClient
+from service.frontend.oip import (
+    EMBEDDING_OUTPUT,
+    HEADER_LENGTH,
+    IMAGE_INPUT,
+    PROBABILITIES_OUTPUT,
+    TENSOR_INPUT,
+    encode_infer_response,
+    parse_infer_request,
+)
+from service.frontend.results import embeddings, probabilities
+from service.frontend.routes.dependencies import (
+    get_engine,
+    get_lifecycle,
+    get_limits,
+    get_manifest,
+    request_deadline,
+    wait_for_disconnect,
+)
+from service.frontend.schemas import ERROR_RESPONSES, MODEL_NOT_FOUND
+from service.frontend.uploads import Upload
+from service.lifecycle import Lifecycle
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+SERVER_NAME = "vit-serve"
+
+
+def _check_name(name: str, manifest: Manifest) -> None:
+    if name != manifest.name:
+        raise ModelNotFound(f"unknown model {name!r}; this server serves {manifest.name!r}")
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata(request: Request) -> dict[str, object]:
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": ["binary_tensor_data", "classification"]}
+
+
+@router.get("/models/{name}", summary="Model metadata", responses=MODEL_NOT_FOUND)  # type: ignore[arg-type]
+async def model_metadata(
+    name: str,
+    manifest: Annotated[Manifest, Depends(get_manifest)],
+    engine: Annotated[EngineClient, Depends(get_engine)],
+) -> dict[str, object]:
+    _check_name(name, manifest)
+    height, width, channels = engine.ring.layout.pixel_shape
+    return {
+        "name": manifest.name,
+        "versions": ["1"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, channels, height, width]},
+        ],
+        "outputs": [
+            {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, manifest.num_classes]},
+            {"name": EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, *engine.model_info.row_shape(EMBEDDING_NAME)]},
+        ],
+    }
+
+
+@router.get(
+    "/models/{name}/ready",
+    summary="Model readiness (200 ready, 503 not)",
+    responses={**MODEL_NOT_FOUND, 503: {"description": "not ready"}},  # type: ignore[dict-item]
+)
+async def model_ready(
+    name: str,
+    manifest: Annotated[Manifest, Depends(get_manifest)],
+    lifecycle: Annotated[Lifecycle, Depends(get_lifecycle)],
+) -> JSONResponse:
+    _check_name(name, manifest)
+    ready = lifecycle.not_ready_reason() is None
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[Depends(require_api_key)],
+    responses={**ERROR_RESPONSES, **MODEL_NOT_FOUND},  # type: ignore[dict-item]
+    summary="Inference: encoded images (BYTES) or preprocessed tensors (FP32)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object", "required": ["inputs"]}}},
+        }
+    },
+)
+async def infer(
+    name: str,
+    request: Request,
+    manifest: Annotated[Manifest, Depends(get_manifest)],
+    engine: Annotated[EngineClient, Depends(get_engine)],
+    limits: Annotated[BodyLimits, Depends(get_limits)],
+    deadline: Annotated[float, Depends(request_deadline)],
+) -> Response:
+    _check_name(name, manifest)
+    height, width, channels = engine.ring.layout.pixel_shape
+    with engine.admitted():
+        body = await read_body(request, limits.max_bytes)
+        if not body:
+            raise BadRequest("empty inference request")
+        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), limits, (channels, height, width))
+        inputs = (
+            list(parsed.tensor)
+            if parsed.tensor is not None
+            else [Upload(f"{IMAGE_INPUT}[{i}]", data) for i, data in enumerate(parsed.images)]
+        )
+        answer = await engine.run(inputs, deadline=deadline, gone=partial(wait_for_disconnect, request))
+    values = {PROBABILITIES_OUTPUT: probabilities(answer.rows), EMBEDDING_OUTPUT: embeddings(answer.rows, False)}
+    content, header_length = encode_infer_response(parsed, manifest.name, values, manifest.labels)
+    headers = {HEADER_LENGTH: str(header_length)} if header_length is not None else None
+    media_type = "application/octet-stream" if header_length is not None else "application/json"
+    return Response(content, media_type=media_type, headers=headers)

@@ -1,0 +1,246 @@
+"""The contract between the front-ends and the engine: slots in one shared memory file, and the
+small messages that pass a slot's ownership back and forth.
+
+Memory. The supervisor creates the ring as an anonymous memfd before any other process starts,
+and every child maps the file descriptor it inherits. A memfd has no name in /dev/shm, so the
+kernel frees it with the last process that maps it: nothing can outlive the server, even after
+`kill -9` of any of its processes. The file holds three regions:
+
+    pixels   (image slots, H, W, C) uint8       written by a front-end's decoder, read by the engine
+    tensors  (tensor slots, C, H, W) float32    already-normalised rows (the OIP FP32 input), likewise
+    outputs  (all slots, row_floats) float32    every output row of the image, written by the engine
+
+Ownership. Front-end k owns partition k: its image slots and its tensor slots. It writes a slot's
+input only while the slot is its own, then hands the slot to the engine with SUBMIT; from then on
+only the engine touches it (reads the input, writes the output row) until it answers DONE for
+that slot, which hands it back. Because ownership moves only with messages, no field of the
+shared memory is ever written by two processes, and nothing needs a lock. A front-end that dies
+leaves its slots to the engine, which drops what is still queued and finishes what is running
+before it welcomes that partition's next front-end.
+
+Messages travel over one SOCK_SEQPACKET Unix socket per front-end (message boundaries kept,
+ordered, reliable), each a packed header and fixed-size records.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from model_export.manifest import Manifest
+
+_ALIGN = 64  # each region starts on a cache line
+# Room for the explain graph's share per prefix token ([class], distillation, registers): more
+# than any published layout has. The engine checks every real row against the room at warm-up.
+_PREFIX_ROOM = 16
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+def row_floats(manifest: Manifest) -> int:
+    """Room for one image's row of every output of either graph: logits, embedding, and the
+    explain graph's maps and prefix shares. The engine checks the real rows against it at warm-up."""
+    cfg = manifest.config
+    grid = int(cfg.get("img_size", 0)) // max(1, int(cfg.get("patch_size", 1)))  # type: ignore[call-overload]
+    embed = int(cfg.get("embed_dim", 0))  # type: ignore[call-overload]
+    return manifest.num_classes + embed + 2 * grid * grid + _PREFIX_ROOM
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    partitions: int  # one per front-end
+    image_slots: int  # uint8 image slots per partition
+    tensor_slots: int  # float32 tensor slots per partition
+    pixel_shape: tuple[int, int, int]  # (H, W, C) of the model's input
+    row_floats: int  # float32 values per slot for its output rows
+
+    @classmethod
+    def for_model(cls, manifest: Manifest, partitions: int, image_slots: int, tensor_slots: int) -> RingLayout:
+        prep = manifest.preprocessing
+        shape = (prep.image_size, prep.image_size, prep.channels)
+        return cls(partitions, image_slots, tensor_slots, shape, row_floats(manifest))
+
+    @property
+    def tensor_shape(self) -> tuple[int, int, int]:
+        height, width, channels = self.pixel_shape
+        return (channels, height, width)
+
+    @property
+    def total_images(self) -> int:
+        return self.partitions * self.image_slots
+
+    @property
+    def total_slots(self) -> int:
+        return self.partitions * (self.image_slots + self.tensor_slots)
+
+    def image_slot_ids(self, partition: int) -> range:
+        return range(partition * self.image_slots, (partition + 1) * self.image_slots)
+
+    def tensor_slot_ids(self, partition: int) -> range:
+        first = self.total_images + partition * self.tensor_slots
+        return range(first, first + self.tensor_slots)
+
+    def is_tensor(self, slot: int) -> bool:
+        return slot >= self.total_images
+
+    def partition_of(self, slot: int) -> int:
+        if slot < self.total_images:
+            return slot // self.image_slots
+        return (slot - self.total_images) // self.tensor_slots
+
+    def _regions(self) -> tuple[int, int, int, int]:
+        """Byte offsets of the pixels, tensors and outputs regions, and the file's size."""
+        pixels = self.total_images * int(np.prod(self.pixel_shape))
+        tensors = self.partitions * self.tensor_slots * int(np.prod(self.pixel_shape)) * 4
+        outputs = self.total_slots * self.row_floats * 4
+        tensors_at = _aligned(pixels)
+        outputs_at = tensors_at + _aligned(tensors)
+        return 0, tensors_at, outputs_at, outputs_at + _aligned(outputs)
+
+    @property
+    def nbytes(self) -> int:
+        return self._regions()[3]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "partitions": self.partitions,
+            "image_slots": self.image_slots,
+            "tensor_slots": self.tensor_slots,
+            "pixel_shape": list(self.pixel_shape),
+            "row_floats": self.row_floats,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> RingLayout:
+        shape = tuple(data["pixel_shape"])  # type: ignore[call-overload]
+        return cls(
+            int(data["partitions"]),  # type: ignore[call-overload]
+            int(data["image_slots"]),  # type: ignore[call-overload]
+            int(data["tensor_slots"]),  # type: ignore[call-overload]
+            shape,  # type: ignore[arg-type]
+            int(data["row_floats"]),  # type: ignore[call-overload]
+        )
+
+
+class Ring:
+    """One process's mapping of the ring, with numpy views on its three regions."""
+
+    def __init__(self, layout: RingLayout, fd: int) -> None:
+        self.layout = layout
+        self.fd = fd
+        self._map = mmap.mmap(fd, layout.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        _, tensors_at, outputs_at, _ = layout._regions()
+        buffer = memoryview(self._map)
+        self.pixels = np.frombuffer(buffer, np.uint8, layout.total_images * int(np.prod(layout.pixel_shape)))
+        self.pixels = self.pixels.reshape(layout.total_images, *layout.pixel_shape)
+        tensor_count = layout.partitions * layout.tensor_slots
+        self.tensors = np.frombuffer(buffer, np.float32, tensor_count * int(np.prod(layout.pixel_shape)), tensors_at)
+        self.tensors = self.tensors.reshape(tensor_count, *layout.tensor_shape)
+        self.outputs = np.frombuffer(buffer, np.float32, layout.total_slots * layout.row_floats, outputs_at)
+        self.outputs = self.outputs.reshape(layout.total_slots, layout.row_floats)
+
+    @classmethod
+    def create(cls, layout: RingLayout) -> Ring:
+        """A new anonymous ring; its descriptor is inheritable, for the children to map."""
+        fd = os.memfd_create("vit-serve-ring", 0)  # without MFD_CLOEXEC: children inherit it
+        os.ftruncate(fd, layout.nbytes)
+        return cls(layout, fd)
+
+    def tensor_index(self, slot: int) -> int:
+        return slot - self.layout.total_images
+
+
+class Kind(IntEnum):
+    """The first byte of every message."""
+
+    HELLO = 1  # front-end -> engine: I am partition k
+    WELCOME = 2  # engine -> front-end: JSON about the engine (provider, output rows)
+    SUBMIT = 3  # front-end -> engine: these slots are yours, for this graph, by these deadlines
+    CANCEL = 4  # front-end -> engine: nobody waits for these any more
+    DONE = 5  # engine -> front-end: these slots are yours again, with a status each
+
+
+class Status(IntEnum):
+    OK = 0  # the output row is written
+    EXPIRED = 1  # the deadline passed while queued: never run
+    CANCELLED = 2  # cancelled while queued: never run
+    FAILED = 3  # the batch it ran in failed (the engine logs why)
+
+
+class Graph(IntEnum):
+    PLAIN = 0
+    EXPLAIN = 1
+
+
+_HEAD = struct.Struct("<BBH")  # kind, graph (SUBMIT) or 0, record count (or partition for HELLO)
+_SUBMITTED = struct.Struct("<Id")  # slot, deadline (CLOCK_MONOTONIC seconds, the same in every process)
+_CANCELLED = struct.Struct("<I")
+_DONE = struct.Struct("<IBHff")  # slot, status, batch size, queue wait (s), batch inference (s)
+
+
+@dataclass(frozen=True)
+class Done:
+    slot: int
+    status: Status
+    batch_size: int
+    queue_wait_s: float
+    inference_s: float
+
+
+def hello(partition: int) -> bytes:
+    return _HEAD.pack(Kind.HELLO, 0, partition)
+
+
+def welcome(info_json: bytes) -> bytes:
+    return _HEAD.pack(Kind.WELCOME, 0, 0) + info_json
+
+
+def submit(graph: Graph, slots: list[int], deadline: float) -> bytes:
+    return _HEAD.pack(Kind.SUBMIT, graph, len(slots)) + b"".join(_SUBMITTED.pack(s, deadline) for s in slots)
+
+
+def cancel(slots: list[int]) -> bytes:
+    return _HEAD.pack(Kind.CANCEL, 0, len(slots)) + b"".join(_CANCELLED.pack(s) for s in slots)
+
+
+def done(records: list[Done]) -> bytes:
+    body = b"".join(_DONE.pack(r.slot, r.status, r.batch_size, r.queue_wait_s, r.inference_s) for r in records)
+    return _HEAD.pack(Kind.DONE, 0, len(records)) + body
+
+
+def kind_of(message: bytes) -> Kind:
+    return Kind(message[0])
+
+
+def parse_hello(message: bytes) -> int:
+    return _HEAD.unpack_from(message)[2]  # type: ignore[no-any-return]
+
+
+def parse_welcome(message: bytes) -> bytes:
+    return message[_HEAD.size :]
+
+
+def parse_submit(message: bytes) -> tuple[Graph, list[tuple[int, float]]]:
+    _, graph, count = _HEAD.unpack_from(message)
+    return Graph(graph), [_SUBMITTED.unpack_from(message, _HEAD.size + i * _SUBMITTED.size) for i in range(count)]
+
+
+def parse_cancel(message: bytes) -> list[int]:
+    _, _, count = _HEAD.unpack_from(message)
+    return [_CANCELLED.unpack_from(message, _HEAD.size + i * _CANCELLED.size)[0] for i in range(count)]
+
+
+def parse_done(message: bytes) -> list[Done]:
+    _, _, count = _HEAD.unpack_from(message)
+    records = []
+    for i in range(count):
+        slot, status, batch_size, wait, inference = _DONE.unpack_from(message, _HEAD.size + i * _DONE.size)
+        records.append(Done(slot, Status(status), batch_size, wait, inference))
+    return records

@@ -1,0 +1,285 @@
+"""vit-serve's first process: it owns what the others share, starts them, and decides what a death means.
+
+It creates the ring (an anonymous memfd), the metrics folder and the listening socket, starts one
+engine process and N front-end processes, and waits. Start-up fails (exit 3) if the engine
+cannot load the model. Then:
+- a front-end dies: it is started again on the same partition (the engine reclaims its slots);
+- the engine dies: the front-ends answer 503 at once, and it is started again, up to
+  `VIT_ENGINE_RESTARTS` times in 10 minutes; one more death and the server exits 1, for
+  Kubernetes to restart the pod. Accepted requests wait for the new engine, within their deadline;
+- SIGTERM or SIGINT: the front-ends drain (in-flight requests finish, new ones get 503), then the
+  engine stops, then the supervisor exits 0. A second signal kills everything at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.boot import Boot
+from service.errors import StartupError
+from service.model_folder import load_manifest
+from service.settings import Settings
+from service.shm_ring import Ring, RingLayout
+
+logger = logging.getLogger(__name__)
+
+STARTUP_EXIT = 3  # as uvicorn's: the server could not start as configured
+RESTART_WINDOW_S = 600.0
+METRICS_PREFIX = "vit-serve-metrics-"
+
+
+@dataclass
+class Child:
+    boot: Boot
+    process: subprocess.Popen[bytes]
+    pidfd: int
+    status: int  # read end of its status pipe; -1 once closed
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+
+
+def _clean_stale_metrics() -> None:
+    """Metrics folders left by a supervisor that was killed: the owner's pid is in the name."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
+        pid = folder.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, host: str, port: int) -> None:
+        self.settings = settings
+        self.manifest = load_manifest(settings.model_dir)
+        frontends = settings.resolved_frontends()
+        self.layout = RingLayout.for_model(
+            self.manifest, frontends, settings.image_slots_per_frontend(), settings.max_images_per_request
+        )
+        self.ring = Ring.create(self.layout)
+        _clean_stale_metrics()
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
+        self.listener = _listen(host, port)
+        self.url = "http://{}:{}".format(*self.listener.getsockname()[:2])
+        self.engine_address = f"\0vit-serve-engine-{os.getpid()}-{os.urandom(4).hex()}"
+        self.selector = selectors.DefaultSelector()
+        self.children: dict[int, Child] = {}  # by pidfd
+        self.engine_deaths: collections.deque[float] = collections.deque()
+        self.draining = False
+        self.exit_status = 0
+        wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(wakeup_read, selectors.EVENT_READ, "signal")
+        signal.set_wakeup_fd(wakeup_write)
+        self._wakeup = wakeup_read
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)  # the wake-up fd carries the signal to the loop
+
+    def _spawn(self, role: str, partition: int = 0) -> Child:
+        status_read, status_write = os.pipe()
+        boot = Boot(
+            role=role,
+            partition=partition,
+            settings=self.settings.model_dump(mode="json"),
+            manifest=self.manifest.model_dump_json(),
+            layout=self.layout.to_dict(),
+            ring_fd=self.ring.fd,
+            status_fd=status_write,
+            engine_address=self.engine_address,
+            listen_fd=self.listener.fileno() if role == "frontend" else -1,
+            metrics_dir=self.metrics_dir,
+            supervisor_pid=os.getpid(),
+        )
+        fds = [self.ring.fd, status_write] + ([self.listener.fileno()] if role == "frontend" else [])
+        module = "service.engine.process" if role == "engine" else "service.frontend.worker"
+        process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdin=subprocess.PIPE,
+            pass_fds=fds,
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir},
+            process_group=0,  # a terminal's Ctrl-C reaches the supervisor only: it forwards once
+        )
+        os.close(status_write)
+        assert process.stdin is not None
+        process.stdin.write(boot.to_json())
+        process.stdin.close()
+        child = Child(boot, process, os.pidfd_open(process.pid), status_read)
+        self.children[child.pidfd] = child
+        self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+        self.selector.register(status_read, selectors.EVENT_READ, ("status", child))
+        return child
+
+    def _forget(self, child: Child) -> int:
+        """Reap a child that exited: close its descriptors and drop its live gauges; its exit code."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        self.selector.unregister(child.pidfd)
+        os.close(child.pidfd)
+        self._close_status(child)
+        del self.children[child.pidfd]
+        mark_process_dead(child.process.pid, self.metrics_dir)
+        return child.process.wait()
+
+    def _close_status(self, child: Child) -> None:
+        if child.status >= 0:
+            self.selector.unregister(child.status)
+            os.close(child.status)
+            child.status = -1
+
+    def _read_status(self, child: Child) -> dict[str, object] | None:
+        """The child's one status line; None when its pipe closed without one."""
+        data = os.read(child.status, 65536)
+        if not data:
+            self._close_status(child)
+            return None
+        message: dict[str, object] = json.loads(data.splitlines()[0])
+        if message.get("ready"):
+            child.ready = True
+            logger.info("%s ready", child.boot.name, extra={k: v for k, v in message.items() if k != "ready"})
+        return message
+
+    def run(self) -> int:
+        try:
+            # All at once: the front-ends import their web stack while the engine loads and warms up.
+            engine = self._spawn("engine")
+            frontends = [self._spawn("frontend", k) for k in range(self.layout.partitions)]
+            provider = self._wait_ready([engine])["provider"]
+            self._wait_ready(frontends)
+        except StartupError as exc:
+            logger.error("start-up failed: %s", exc)
+            self._stop_all(signal.SIGKILL)
+            self._cleanup()
+            return STARTUP_EXIT
+        logger.info("vit-serve running on %s (%d front-ends, engine on %s)", self.url, self.layout.partitions, provider)
+        try:
+            while self.children:
+                for key, _ in self.selector.select():
+                    self._handle(key.data)
+        finally:
+            self._cleanup()
+        return self.exit_status
+
+    def _wait_ready(self, children: list[Child]) -> dict[str, object]:
+        """Block until each child says ready (the last one's message is returned); a start-up
+        error, an exit or a signal fails the start."""
+        waiting = {id(child) for child in children}
+        message: dict[str, object] = {}
+        while waiting:
+            for key, _ in self.selector.select():
+                if key.data == "signal":
+                    os.read(self._wakeup, 64)
+                    raise StartupError("interrupted during start-up")
+                event, child = key.data
+                if event == "exit":
+                    raise StartupError(f"{child.boot.name} exited with {child.process.wait()} during start-up")
+                status = self._read_status(child)
+                if status is not None and "error" in status:
+                    raise StartupError(str(status["error"]))
+                if status is not None:
+                    message = status
+                    waiting.discard(id(child))
+        return message
+
+    def _handle(self, data: object) -> None:
+        if data == "signal":
+            signals = os.read(self._wakeup, 64)
+            if self.draining:
+                logger.warning("second signal: stopping every process now")
+                self.exit_status = 1
+                self._stop_all(signal.SIGKILL)
+            elif signals:
+                self._drain()
+            return
+        event, child = data  # type: ignore[misc]
+        if event == "status":
+            self._read_status(child)
+        else:
+            self._on_exit(child)
+
+    def _drain(self) -> None:
+        """Front-ends first (they finish what they accepted, which needs the engine), then the engine."""
+        self.draining = True
+        logger.info("draining: %d front-end(s), then the engine", self.layout.partitions)
+        for child in self.children.values():
+            if child.boot.role == "frontend":
+                child.process.send_signal(signal.SIGTERM)
+        self._stop_engine_when_alone()
+
+    def _stop_engine_when_alone(self) -> None:
+        if not any(child.boot.role == "frontend" for child in self.children.values()):
+            for child in self.children.values():
+                child.process.send_signal(signal.SIGTERM)
+
+    def _on_exit(self, child: Child) -> None:
+        code = self._forget(child)
+        if self.draining:
+            if code != 0:
+                logger.warning("%s exited with %d while draining", child.boot.name, code)
+                self.exit_status = self.exit_status or 1
+            self._stop_engine_when_alone()
+            return
+        if child.boot.role == "frontend":
+            logger.warning("%s exited with %d: starting it again", child.boot.name, code)
+            self._spawn("frontend", child.boot.partition)
+            return
+        now = time.monotonic()
+        self.engine_deaths.append(now)
+        while self.engine_deaths and now - self.engine_deaths[0] > RESTART_WINDOW_S:
+            self.engine_deaths.popleft()
+        if len(self.engine_deaths) > self.settings.engine_restarts:
+            logger.error(
+                "the engine exited with %d, its %d. death in %.0f minutes (VIT_ENGINE_RESTARTS=%d): stopping",
+                code,
+                len(self.engine_deaths),
+                RESTART_WINDOW_S / 60,
+                self.settings.engine_restarts,
+            )
+            self.exit_status = 1
+            self._drain()
+            return
+        logger.warning("the engine exited with %d: starting it again", code)
+        self._spawn("engine")
+
+    def _stop_all(self, sig: signal.Signals) -> None:
+        for child in self.children.values():
+            if child.process.poll() is None:
+                child.process.send_signal(sig)
+        for child in list(self.children.values()):
+            self._forget(child)
+
+    def _cleanup(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self.listener.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def serve(settings: Settings, host: str, port: int) -> int:
+    try:
+        supervisor = Supervisor(settings, host, port)
+    except StartupError as exc:
+        logger.error("start-up failed: %s", exc)
+        return STARTUP_EXIT
+    except OSError as exc:
+        logger.error("start-up failed: cannot listen on %s:%d: %s", host, port, exc)
+        return STARTUP_EXIT
+    return supervisor.run()
