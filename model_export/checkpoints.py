@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -90,17 +91,33 @@ def strip_wrapper_prefixes(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 # --- layouts -------------------------------------------------------------------------------
 
+# The base-model prefixes of Hugging Face classifiers (ViT, DeiT, DINOv2, DINOv2 with registers).
+HF_BASE_PREFIXES = ("vit.", "deit.", "dinov2.", "dinov2_with_registers.")
+_HF_CLS_TOKEN = re.compile(r"^(?:(?:vit|deit|dinov2|dinov2_with_registers)\.)?embeddings\.cls_token$")
+
+# Keys of features this model does not have, and what to call them when refusing the checkpoint.
+UNSUPPORTED_KEYS: dict[str, str] = {
+    r"^attn_pool\.": "an attention-pooling head (timm global_pool='map')",
+    r"^norm_pre\.": "a norm before the first block (timm pre_norm, as in CLIP)",
+    r"^patch_embed\.norm\.": "a norm inside the patch embedding",
+    r"\.attn\.(?:q_norm|k_norm|norm)\.": "query/key or attention-output norms (timm qk_norm, scale_attn_norm)",
+    r"\.mlp\.(?:norm|w12|w3|fc1_g|fc1_x|weights_in|weights_out)\.": "a SwiGLU or normed MLP",
+    r"^head\.(?:fc|norm|pre_logits)\.": "a multi-layer head",
+    r"^pooler\.": "Hugging Face's tanh pooler (a base model, not a classifier)",
+}
+
 
 def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
-    if "cls_token" in sd and "pos_embed" in sd:
+    if "pos_embed" in sd and ("patch_embed.proj.weight" in sd or "patch_embed.weight" in sd):
         return "timm"
     if "class_token" in sd and "encoder.pos_embedding" in sd:
         return "torchvision"
-    if "vit.embeddings.cls_token" in sd or "embeddings.cls_token" in sd:
+    if any(_HF_CLS_TOKEN.match(key) for key in sd):
         return "hf"
     raise CheckpointError(
-        "unknown checkpoint layout: expected timm (cls_token, pos_embed), torchvision (class_token, "
-        f"encoder.pos_embedding) or Hugging Face (vit.embeddings.cls_token) keys; first keys: {list(sd)[:5]}"
+        "unknown checkpoint layout: expected timm (pos_embed, patch_embed.proj), torchvision (class_token, "
+        "encoder.pos_embedding) or Hugging Face (vit./deit./dinov2.embeddings.cls_token) keys; "
+        f"first keys: {list(sd)[:5]}"
     )
 
 
@@ -118,7 +135,11 @@ def _rename(sd: Mapping[str, torch.Tensor], rules: list[tuple[str, str]]) -> Sta
 
 
 def from_timm(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    return _rename(sd, [(r"^patch_embed\.proj\.", "patch_embed.")])
+    """timm's names are ours but for the patch conv; DeiT III's original files name LayerScale gamma_1/2."""
+    return _rename(
+        sd,
+        [(r"^patch_embed\.proj\.", "patch_embed."), (r"^blocks\.(\d+)\.gamma_([12])$", r"blocks.\1.ls\2.gamma")],
+    )
 
 
 def from_torchvision(sd: Mapping[str, torch.Tensor]) -> StateDict:
@@ -142,24 +163,31 @@ def from_torchvision(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def from_hf(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """Hub files use transformers 4.x names (`encoder.layer.N.attention.attention.query`); a 5.x
+    """ViT, DeiT (with or without teacher), DINOv2 and DINOv2-with-registers classifiers.
+
+    Hub files use transformers 4.x names (`encoder.layer.N.attention.attention.query`); a 5.x
     model's in-memory state_dict uses `layers.N.attention.q_proj`. Both are accepted."""
-    sd = {k.removeprefix("vit."): v for k, v in sd.items()}
+    sd = {_strip_hf_base(k): v for k, v in sd.items()}
+    sd.pop("embeddings.mask_token", None)  # DINOv2's masked-image-modelling token: never read at inference
     block = r"^(?:encoder\.layer|layers)\.(\d+)\."
     out = _rename(
         sd,
         [
             (r"^embeddings\.cls_token$", "cls_token"),
+            (r"^embeddings\.distillation_token$", "dist_token"),
+            (r"^embeddings\.register_tokens$", "reg_token"),
             (r"^embeddings\.position_embeddings$", "pos_embed"),
             (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed."),
-            (block + r"layernorm_before\.", r"blocks.\1.norm1."),
-            (block + r"layernorm_after\.", r"blocks.\1.norm2."),
+            (block + r"(?:layernorm_before|norm1)\.", r"blocks.\1.norm1."),
+            (block + r"(?:layernorm_after|norm2)\.", r"blocks.\1.norm2."),
+            (block + r"layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
             (block + r"attention\.(?:output\.dense|o_proj)\.", r"blocks.\1.attn.proj."),
             (block + r"(?:intermediate\.dense|mlp\.fc1)\.", r"blocks.\1.mlp.fc1."),
             (block + r"(?:output\.dense|mlp\.fc2)\.", r"blocks.\1.mlp.fc2."),
             (block + r"attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.", r"blocks.\1.attn.\2\3."),
             (r"^layernorm\.", "norm."),
-            (r"^classifier\.", "head."),
+            (r"^(?:classifier|cls_classifier)\.", "head."),
+            (r"^distillation_classifier\.", "head_dist."),
         ],
     )
     # Hugging Face keeps query, key and value apart; our block fuses them as [q; k; v] rows.
@@ -172,7 +200,20 @@ def from_hf(sd: Mapping[str, torch.Tensor]) -> StateDict:
         if set(qkv) != {"q", "k", "v"}:
             raise CheckpointError(f"block {index}: attention {kind} has only {sorted(qkv)} of q, k, v")
         out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+    if "reg_token" in out and "cls_token" in out and "pos_embed" in out:
+        # DINOv2 with registers: the table has a row for the class token and none for the
+        # registers. Adding that row to the token itself (as timm does) leaves a table of
+        # patch rows only: the same sums, and one rule for every prefix token.
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
     return out
+
+
+def _strip_hf_base(key: str) -> str:
+    for prefix in HF_BASE_PREFIXES:
+        if key.startswith(prefix):
+            return key.removeprefix(prefix)
+    return key
 
 
 CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], StateDict]] = {
@@ -186,19 +227,71 @@ CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], StateDict]] = {
 # --- configuration and loading ---------------------------------------------------------------
 
 
-def infer_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, object]:
-    """ViTConfig fields that the tensors' shapes determine (all but heads, eps and pooling)."""
+def refuse_unsupported(sd: Mapping[str, torch.Tensor]) -> None:
+    """Name the first feature this model lacks, instead of a list of unexpected keys."""
+    for pattern, feature in UNSUPPORTED_KEYS.items():
+        keys = [k for k in sd if re.search(pattern, k)]
+        if keys:
+            raise CheckpointError(
+                f"unsupported layout: the checkpoint has {feature}, which this ViT lacks (keys {keys[:3]})"
+            )
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def _table_covers_prefix(rows: int, prefix: int, hint: bool | None) -> bool:
+    """Whether a position table of `rows` rows has rows for the `prefix` tokens too (timm no_embed_class=False)."""
+    if prefix == 0:
+        return True  # nothing to cover: the two conventions coincide
+    covers, patches_only = _is_square(rows - prefix), _is_square(rows)
+    if covers and patches_only:
+        if hint is None:
+            raise CheckpointError(
+                f"pos_embed has {rows} rows: both a {math.isqrt(rows)}^2 grid and a {math.isqrt(rows - prefix)}^2 "
+                f"grid plus {prefix} prefix rows; say which with a timm config.json (model_args.no_embed_class)"
+            )
+        return hint
+    if not (covers or patches_only):
+        raise CheckpointError(
+            f"pos_embed has {rows} rows: neither a square grid of patches nor one plus the {prefix} prefix tokens"
+        )
+    return covers
+
+
+def infer_shapes(sd: Mapping[str, torch.Tensor], no_embed_class: bool | None = None) -> dict[str, object]:
+    """ViTConfig fields that the tensors' shapes determine (all but heads and eps).
+
+    The head kind follows from the head's tensors (`head_dist`: distilled; a (C, 2D) head:
+    DINOv2's token+patch_mean); a model without a class token pools the patches, and so does
+    one with `fc_norm` (timm puts the norm after the pooling only with global average pooling)."""
     try:
-        d = sd["cls_token"].shape[-1]
         patch_w = sd["patch_embed.weight"]
-        grid_rows = sd["pos_embed"].shape[1] - VisionTransformer.num_prefix_tokens
-        head = sd["head.weight"]
+        pos_rows = sd["pos_embed"].shape[1]
         mlp = sd["blocks.0.mlp.fc1.weight"]
     except KeyError as exc:
         raise CheckpointError(f"checkpoint lacks {exc.args[0]!r}, which is needed to infer the model shape") from None
+    if "head.weight" not in sd:
+        raise CheckpointError("checkpoint has no classifier ('head.weight'): a backbone without a head cannot classify")
+    d, head = patch_w.shape[0], sd["head.weight"]
+    class_token, distillation_token = "cls_token" in sd, "dist_token" in sd
+    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    prefix = int(class_token) + int(distillation_token) + reg_tokens
+    covers = _table_covers_prefix(pos_rows, prefix, None if no_embed_class is None else not no_embed_class)
+    grid = math.isqrt(pos_rows - prefix if covers else pos_rows)
+    fc_norm = "fc_norm.weight" in sd
+    if "head_dist.weight" in sd:
+        head_kind = "distilled"
+    elif head.shape[1] == 2 * d:
+        head_kind = "token+patch_mean"
+    elif not class_token or fc_norm:
+        head_kind = "avg"
+    else:
+        head_kind = "token"
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k)))
     return {
-        "img_size": round(grid_rows**0.5) * patch_w.shape[-1],
+        "img_size": grid * patch_w.shape[-1],
         "patch_size": patch_w.shape[-1],
         "in_chans": patch_w.shape[1],
         "num_classes": head.shape[0],
@@ -206,14 +299,24 @@ def infer_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, object]:
         "depth": depth,
         "mlp_dim": mlp.shape[0],
         "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+        "class_token": class_token,
+        "distillation_token": distillation_token,
+        "reg_tokens": reg_tokens,
+        "no_embed_class": not covers and prefix > 0,
+        "layer_scale": "blocks.0.ls1.gamma" in sd,
+        "fc_norm": fc_norm,
+        "head": head_kind,
     }
 
 
-def load_strict(model: VisionTransformer, sd: Mapping[str, torch.Tensor]) -> None:
-    """Load every tensor or fail naming the key(s); position embeddings are resampled to the model's grid."""
+def load_strict(model: VisionTransformer, sd: Mapping[str, torch.Tensor], antialias: bool = True) -> None:
+    """Load every tensor or fail naming the key(s); position embeddings are resampled to the
+    model's grid (antialias as the checkpoint's library does it)."""
     sd = dict(sd)
     if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
-        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], model.cfg.grid_size, model.num_prefix_tokens)
+        sd["pos_embed"] = resample_pos_embed(
+            sd["pos_embed"], model.cfg.grid_size, model.cfg.pos_embed_prefix_rows, antialias=antialias
+        )
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -232,67 +335,147 @@ def load_strict(model: VisionTransformer, sd: Mapping[str, torch.Tensor]) -> Non
 # --- whole checkpoints ---------------------------------------------------------------------
 
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}
-
-
 TRAINING_RECORD = "training_record.json"
+# timm's defaults where a pretrained_cfg leaves a field out (timm.data.constants).
+TIMM_DEFAULT_CROP_PCT = 0.875
+TIMM_DEFAULT_MEAN, TIMM_DEFAULT_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def _native_directory(path: Path) -> tuple[Path, dict[str, object]]:
-    """A folder written by `model_export.train_fashion_mnist`: weights plus the training record."""
-    weights = path / "weights.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: {TRAINING_RECORD} found but no weights.safetensors beside it")
-    return weights, json.loads((path / TRAINING_RECORD).read_text())
+@dataclass
+class _Source:
+    """The weights file and what lies beside it: which library wrote the folder, and its settings."""
+
+    weights: Path
+    kind: str  # "file" (weights alone), "native" (our training output), "hf" or "timm" (a model folder)
+    config: dict[str, object]  # HF or timm config.json, or our training record
+    processor: dict[str, object]  # HF preprocessor_config.json
 
 
-def _native_preprocessing(record: Mapping[str, object], cfg: ViTConfig) -> Preprocessing:
-    norm = record["normalisation"]
-    return Preprocessing(
-        image_size=cfg.img_size,
-        resize_size=cfg.img_size,
-        interpolation="bilinear",
-        mean=list(norm["mean"]),  # type: ignore[index]
-        std=list(norm["std"]),  # type: ignore[index]
-        color_mode="L" if cfg.in_chans == 1 else "RGB",
-    )
-
-
-def _hf_directory(path: Path) -> tuple[Path, dict[str, object], dict[str, object]]:
+def _open(path: Path) -> _Source:
+    if not path.is_dir():
+        return _Source(path, "file", {}, {})
+    if (path / TRAINING_RECORD).is_file():
+        weights = path / "weights.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: {TRAINING_RECORD} found but no weights.safetensors beside it")
+        return _Source(weights, "native", json.loads((path / TRAINING_RECORD).read_text()), {})
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path} is a directory but has no config.json (expected a Hugging Face model folder)")
     weights = next((path / name for name in HF_WEIGHT_FILES if (path / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path}: none of {', '.join(HF_WEIGHT_FILES)} found beside config.json")
+    config = json.loads(config_path.read_text())
+    if "architecture" in config and "pretrained_cfg" in config:  # timm's save_for_hf / Hub layout
+        return _Source(weights, "timm", config, {})
     processor_path = path / "preprocessor_config.json"
     processor = json.loads(processor_path.read_text()) if processor_path.is_file() else {}
-    return weights, json.loads(config_path.read_text()), processor
+    return _Source(weights, "hf", config, processor)
+
+
+def _native_config(record: Mapping[str, object]) -> dict[str, object]:
+    config = dict(record["config"])  # type: ignore[call-overload]
+    if "pool" in config:  # records written before the head kinds had their own field
+        config["head"] = config.pop("pool")
+    return config
+
+
+def _native_preprocessing(record: Mapping[str, object], image_size: int, in_chans: int) -> Preprocessing:
+    norm = record["normalisation"]
+    return Preprocessing(
+        image_size=image_size,
+        resize_size=image_size,
+        interpolation="bilinear",
+        mean=list(norm["mean"]),  # type: ignore[index]
+        std=list(norm["std"]),  # type: ignore[index]
+        color_mode="L" if in_chans == 1 else "RGB",
+    )
 
 
 def _hf_overrides(config: Mapping[str, object]) -> dict[str, object]:
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"unsupported hidden_act {config['hidden_act']!r}: this ViT uses exact GELU")
-    keys = {
-        "num_heads": "num_attention_heads",
-        "layer_norm_eps": "layer_norm_eps",
-        "img_size": "image_size",
-        "qkv_bias": "qkv_bias",
-    }
+    if config.get("use_swiglu_ffn"):
+        raise CheckpointError(
+            "unsupported layout: use_swiglu_ffn (a SwiGLU MLP, as in DINOv2 giant); this ViT's MLP is GELU"
+        )
+    if config.get("apply_layernorm") is False:
+        raise CheckpointError("unsupported layout: apply_layernorm=false (no final norm); this ViT always has one")
+    keys = {"num_heads": "num_attention_heads", "layer_norm_eps": "layer_norm_eps", "qkv_bias": "qkv_bias"}
     return {ours: config[theirs] for ours, theirs in keys.items() if theirs in config}
 
 
+def _side(size: object, what: str) -> int:
+    """The side of a square {height, width} (or a bare int) in a processor config."""
+    if isinstance(size, Mapping):
+        if size.get("height") != size.get("width"):
+            raise CheckpointError(f"{what} {dict(size)} is not square: this service crops square inputs")
+        return int(size["height"])
+    return int(size)  # type: ignore[call-overload]
+
+
 def _hf_preprocessing(processor: Mapping[str, object], image_size: int, in_chans: int) -> Preprocessing:
+    """The image processor's own steps: ViTImageProcessor squashes to (height, width); DeiT's squashes
+    then centre-crops; DINOv2's (BitImageProcessor) resizes the shorter side, then centre-crops."""
+    if processor.get("do_resize", True) is False or processor.get("do_rescale", True) is False:
+        raise CheckpointError("the image processor does not resize or rescale; this service always does both")
+    if abs(float(processor.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:  # type: ignore[arg-type]
+        raise CheckpointError(f"rescale_factor {processor['rescale_factor']} is not 1/255")
     size = processor.get("size", image_size)
-    side = size.get("height", image_size) if isinstance(size, Mapping) else size
+    if isinstance(size, Mapping) and "shortest_edge" in size:
+        mode, side = "shorter_side", int(size["shortest_edge"])
+    else:
+        mode, side = "squash", _side(size, "size")
+    crop = processor.get("crop_size") if processor.get("do_center_crop", False) else None
+    if crop is None and mode == "shorter_side":
+        raise CheckpointError("the image processor resizes the shorter side without a crop: the input is not square")
+    normalise = processor.get("do_normalize", True)
     return Preprocessing(
-        image_size=image_size,
-        resize_size=int(side),  # type: ignore[arg-type]
-        resize_mode="squash",  # ViTImageProcessor resizes straight to (height, width), no crop
-        interpolation=_PIL_RESAMPLE.get(int(processor.get("resample", 2)), "bilinear"),  # type: ignore[call-overload]
-        mean=list(processor.get("image_mean", [0.5] * in_chans)),  # type: ignore[call-overload]
-        std=list(processor.get("image_std", [0.5] * in_chans)),  # type: ignore[call-overload]
+        image_size=side if crop is None else _side(crop, "crop_size"),
+        resize_size=side,
+        resize_mode=mode,  # type: ignore[arg-type]
+        interpolation=_PIL_RESAMPLE.get(int(processor.get("resample", 2)), "bilinear"),  # type: ignore[call-overload, arg-type]
+        mean=list(processor.get("image_mean", [0.5] * in_chans)) if normalise else [0.0] * in_chans,  # type: ignore[call-overload]
+        std=list(processor.get("image_std", [0.5] * in_chans)) if normalise else [1.0] * in_chans,  # type: ignore[call-overload]
         color_mode="L" if in_chans == 1 else "RGB",
     )
+
+
+def _timm_preprocessing(pretrained_cfg: Mapping[str, object], in_chans: int) -> Preprocessing:
+    """What timm's resolve_data_config + create_transform do at inference for this pretrained_cfg."""
+    _, height, width = pretrained_cfg["input_size"]  # type: ignore[misc]
+    if height != width:
+        raise CheckpointError(f"timm input_size {height}x{width} is not square: this service crops square inputs")
+    crop_mode = pretrained_cfg.get("crop_mode", "center")
+    modes = {"center": "shorter_side", "squash": "squash"}
+    if crop_mode not in modes:
+        raise CheckpointError(f"timm crop_mode {crop_mode!r} is not supported (center or squash)")
+    interpolation = pretrained_cfg.get("interpolation", "bicubic")
+    if interpolation not in _PIL_RESAMPLE.values():
+        raise CheckpointError(
+            f"timm interpolation {interpolation!r} is not supported ({', '.join(_PIL_RESAMPLE.values())})"
+        )
+    crop_pct = float(pretrained_cfg.get("crop_pct") or TIMM_DEFAULT_CROP_PCT)  # type: ignore[arg-type]
+    return Preprocessing(
+        image_size=int(height),
+        resize_size=math.floor(int(height) / crop_pct),
+        resize_mode=modes[crop_mode],  # type: ignore[index, arg-type]
+        interpolation=interpolation,  # type: ignore[arg-type]
+        mean=list(pretrained_cfg.get("mean", TIMM_DEFAULT_MEAN)),  # type: ignore[call-overload]
+        std=list(pretrained_cfg.get("std", TIMM_DEFAULT_STD)),  # type: ignore[call-overload]
+        color_mode="L" if in_chans == 1 else "RGB",
+    )
+
+
+def _timm_head(config: Mapping[str, object], inferred: str) -> str:
+    """timm's global_pool decides token against avg where the shapes cannot; other pools are refused."""
+    args = config.get("model_args") or {}
+    pool = config.get("global_pool", args.get("global_pool"))  # type: ignore[union-attr]
+    if pool in (None, ""):
+        return inferred
+    if pool not in ("token", "avg"):
+        raise CheckpointError(f"unsupported layout: timm global_pool={pool!r} (this ViT pools by token or avg)")
+    return pool if inferred in ("token", "avg") else inferred  # type: ignore[return-value]
 
 
 def default_preprocessing(layout: str, image_size: int, in_chans: int) -> Preprocessing:
@@ -318,68 +501,94 @@ def default_preprocessing(layout: str, image_size: int, in_chans: int) -> Prepro
     )
 
 
+def _served_at(preprocessing: Preprocessing, img_size: int) -> Preprocessing:
+    """The same steps for another input side: the resize scales with it, so the crop keeps its share."""
+    if img_size == preprocessing.image_size:
+        return preprocessing
+    resize = round(preprocessing.resize_size * img_size / preprocessing.image_size)
+    return preprocessing.model_copy(update={"image_size": img_size, "resize_size": resize})
+
+
+def _labels(source: _Source, num_classes: int) -> list[str]:
+    if source.kind == "timm":
+        names = source.config.get("label_names") or source.config["pretrained_cfg"].get("label_names")  # type: ignore[union-attr]
+        id2label: object = dict(enumerate(names)) if names else {}
+    elif source.kind == "native":
+        id2label = dict(enumerate(source.config.get("labels", [])))  # type: ignore[arg-type]
+    else:
+        id2label = source.config.get("id2label")
+    if isinstance(id2label, Mapping) and len(id2label) == num_classes:
+        return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_classes)]
+    return [f"LABEL_{i}" for i in range(num_classes)]
+
+
 def import_checkpoint(
     path: Path,
     *,
     base: ViTConfig | None = None,
     img_size: int | None = None,
     num_heads: int | None = None,
+    head: str | None = None,
     labels: list[str] | None = None,
 ) -> ImportedCheckpoint:
-    """Read a file or Hugging Face folder, detect its layout, build the model and load it strictly.
+    """Read a file or a Hugging Face / timm model folder, detect its layout, build the model and load it strictly.
 
     `base` (a preset) fixes what shapes cannot tell, such as the head count; `img_size`
-    serves the model at another resolution, resampling the position embeddings.
-    """
-    path = Path(path)
-    hf_config: dict[str, object] = {}
-    processor: dict[str, object] = {}
-    record: dict[str, object] = {}
-    if path.is_dir() and (path / TRAINING_RECORD).is_file():
-        path, record = _native_directory(path)
-    elif path.is_dir():
-        path, hf_config, processor = _hf_directory(path)
-    raw = read_state_dict(path)
-    layout = "native" if record else detect_layout(raw)
+    serves the model at another resolution, resampling the position embeddings; `head`
+    names the head kind where the shapes leave a choice (token or avg)."""
+    source = _open(Path(path))
+    raw = read_state_dict(source.weights)
+    layout = "native" if source.kind == "native" else detect_layout(raw)
     sd = CONVERTERS[layout](raw)
-    fields = infer_shapes(sd)
+    refuse_unsupported(sd)
+    timm_args: Mapping[str, object] = (source.config.get("model_args") or {}) if source.kind == "timm" else {}  # type: ignore[assignment]
+    fields = infer_shapes(sd, no_embed_class=timm_args.get("no_embed_class"))  # type: ignore[arg-type]
     # Shapes cannot tell the head count: the standard 64 dimensions per head, unless told.
-    fields["num_heads"] = max(1, int(fields["embed_dim"]) // 64)  # type: ignore[call-overload]
+    fields["num_heads"] = timm_args.get("num_heads", max(1, int(fields["embed_dim"]) // 64))  # type: ignore[call-overload]
     if base is not None:
         checked = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim")
         differing = {f: (fields[f], getattr(base, f)) for f in checked if fields[f] != getattr(base, f)}
         if differing:
             raise CheckpointError(f"checkpoint does not match the preset: {differing} (checkpoint, preset)")
-        fields.update(num_heads=base.num_heads, layer_norm_eps=base.layer_norm_eps, pool=base.pool)
+        fields.update(num_heads=base.num_heads, layer_norm_eps=base.layer_norm_eps)
+    if source.kind == "timm":
+        fields["head"] = _timm_head(source.config, str(fields["head"]))
     if layout == "hf":
-        fields.update(_hf_overrides(hf_config))
-    if record:
-        fields.update(record["config"])  # type: ignore[arg-type]
+        fields.update(_hf_overrides(source.config))
+    if source.kind == "native":
+        fields.update(_native_config(source.config))
+    if head is not None:
+        fields["head"] = head
     if num_heads is not None:
         fields["num_heads"] = num_heads
-    checkpoint_img = fields["img_size"]
-    if img_size is not None:
-        fields["img_size"] = img_size
-    cfg = ViTConfig(**fields)  # type: ignore[arg-type]
+
+    # The size the library's own pipeline feeds the model; the checkpoint's grid is resampled to it.
+    checkpoint_img, in_chans = int(fields["img_size"]), int(fields["in_chans"])  # type: ignore[call-overload]
+    if source.kind == "native":
+        preprocessing = _native_preprocessing(source.config, checkpoint_img, in_chans)
+    elif source.kind == "hf":
+        side = _side(source.config.get("image_size", checkpoint_img), "image_size")
+        preprocessing = _hf_preprocessing(source.processor, side, in_chans)
+    elif source.kind == "timm":
+        preprocessing = _timm_preprocessing(source.config["pretrained_cfg"], in_chans)  # type: ignore[arg-type]
+    else:
+        preprocessing = default_preprocessing(layout, img_size or checkpoint_img, in_chans)
+    preprocessing = _served_at(preprocessing, img_size or preprocessing.image_size)
+    fields["img_size"] = preprocessing.image_size
+    try:
+        cfg = ViTConfig(**fields)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint does not describe a supported ViT: {exc}") from exc
     model = VisionTransformer(cfg)
-    load_strict(model, sd)
+    # transformers' ViT, DeiT and DINOv2 resample the table without antialiasing; timm and
+    # DINOv2-with-registers antialias. The same call keeps the served logits the library's.
+    plain_bicubic = (
+        layout == "hf" and source.config.get("model_type", "") != "dinov2_with_registers" and not cfg.reg_tokens
+    )
+    load_strict(model, sd, antialias=not plain_bicubic)
     model.eval()
 
-    if labels is None:
-        id2label = hf_config.get("id2label") or dict(enumerate(record.get("labels", [])))
-        if isinstance(id2label, Mapping) and len(id2label) == cfg.num_classes:
-            labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(cfg.num_classes)]  # type: ignore[call-overload]
-        else:
-            labels = [f"LABEL_{i}" for i in range(cfg.num_classes)]
+    labels = labels if labels is not None else _labels(source, cfg.num_classes)
     if len(labels) != cfg.num_classes:
         raise CheckpointError(f"{len(labels)} labels given for a head with {cfg.num_classes} classes")
-
-    if record:
-        preprocessing = _native_preprocessing(record, cfg)
-    elif layout == "hf":
-        preprocessing = _hf_preprocessing(processor, cfg.img_size, cfg.in_chans)
-        if cfg.img_size != checkpoint_img:
-            preprocessing = preprocessing.model_copy(update={"resize_size": cfg.img_size})
-    else:
-        preprocessing = default_preprocessing(layout, cfg.img_size, cfg.in_chans)
-    return ImportedCheckpoint(model, layout, labels, preprocessing, path, sha256_file(path))
+    return ImportedCheckpoint(model, layout, labels, preprocessing, source.weights, sha256_file(source.weights))

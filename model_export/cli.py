@@ -12,8 +12,8 @@ import torch
 
 from model_export.checkpoints import CheckpointError, ImportedCheckpoint, default_preprocessing, import_checkpoint
 from model_export.manifest import Manifest, Source
-from model_export.onnx_export import DEFAULT_OPSET, ExportError, write_artifact
-from model_export.vit import PRESETS, VisionTransformer, preset
+from model_export.onnx_export import DEFAULT_OPSET, ExportError, graph_description, write_artifact
+from model_export.vit import HEADS, PRESETS, VisionTransformer, preset
 
 
 def _read_labels(path: Path) -> list[str]:
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     parser.add_argument("--img-size", type=int, help="serve at this resolution; position embeddings are resampled")
     parser.add_argument("--num-heads", type=int, help="attention heads, when not the standard embed_dim/64")
+    parser.add_argument(
+        "--head",
+        choices=HEADS,
+        help="what the classifier reads, where the shapes leave a choice (a timm file pooled by token or avg)",
+    )
     parser.add_argument("--labels", type=Path, help="labels file: one per line, or JSON list / {index: label}")
     parser.add_argument("--name", help="model name reported by the server (default: the output folder's name)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> Manifest:
             base=PRESETS[args.preset] if args.preset else None,
             img_size=args.img_size,
             num_heads=args.num_heads,
+            head=args.head,
             labels=_read_labels(args.labels) if args.labels else None,
         )
     cfg = imported.model.cfg
@@ -103,7 +109,7 @@ def run(args: argparse.Namespace) -> Manifest:
         name=args.name or args.out.resolve().name,
         labels=imported.labels,
         preprocessing=imported.preprocessing,
-        pooling=cfg.pool,
+        **graph_description(cfg),  # type: ignore[arg-type]
         opset=args.opset,
         config=cfg.to_dict(),
         source=Source(checkpoint=imported.source.name, layout=imported.layout, sha256=imported.sha256 or None),
@@ -135,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"imported {manifest.source.layout} checkpoint {manifest.source.checkpoint}")
     print(
         f"model: {cfg['depth']} blocks, width {cfg['embed_dim']}, {cfg['num_heads']} heads, "
-        f"{cfg['img_size']}px / patch {cfg['patch_size']}, {manifest.num_classes} classes, {manifest.pooling} pooling"
+        f"{cfg['img_size']}px / patch {cfg['patch_size']}, {manifest.num_classes} classes, {manifest.head} head"
     )
+    print(f"prefix tokens: {', '.join(manifest.prefix_tokens) or 'none'}; embedding: {manifest.embedding}")
     print("verified: onnx.checker passed")
     for check in manifest.verification["batches"]:  # type: ignore[attr-defined]
         print(
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out / manifest.onnx_file} (sha256 {manifest.onnx_sha256}) and manifest.json")
     if manifest.explain_onnx_file:
         print(f"wrote {args.out / manifest.explain_onnx_file} (sha256 {manifest.explain_onnx_sha256})")
+    elif not args.no_explain:
+        print("no explain graph: the model has no [class] token whose attention it would map")
     return 0
 
 

@@ -24,17 +24,25 @@ PIXELS_NAME = "pixels"  # uint8 (batch, H, W, C): resized and cropped; the graph
 PIXEL_VALUES_NAME = "pixel_values"  # float32 (tensor_batch, C, H, W), already normalised
 INPUT_NAMES = [PIXELS_NAME, PIXEL_VALUES_NAME]
 LOGITS_NAME = "logits"
-EMBEDDING_NAME = "embedding"  # (rows, D): the pooled feature the head reads, after the final norm
+# (rows, D): the final [class] token before the head, or without one the pooled vector the
+# head reads; the manifest's `embedding` says which, in words.
+EMBEDDING_NAME = "embedding"
 OUTPUT_NAMES = [LOGITS_NAME, EMBEDDING_NAME]
-# The explain graph's extra outputs: (rows, grid, grid) maps of where the [class] token looked.
+# The explain graph's extra outputs: (rows, grid, grid) maps of where the [class] token looked,
+# over the patches only and each summing to 1; then (rows, num_prefix_tokens): the share of the
+# class token's last-layer head-mean attention that went to each prefix row (manifest
+# `prefix_tokens` names their kinds), so that those shares and the patches' share sum to 1.
 LAST_LAYER_ATTENTION_NAME = "cls_attention_last_layer"
 ROLLOUT_ATTENTION_NAME = "cls_attention_rollout"
-EXPLAIN_OUTPUT_NAMES = [*OUTPUT_NAMES, LAST_LAYER_ATTENTION_NAME, ROLLOUT_ATTENTION_NAME]
+PREFIX_ATTENTION_NAME = "cls_attention_prefix"
+EXPLAIN_OUTPUT_NAMES = [*OUTPUT_NAMES, LAST_LAYER_ATTENTION_NAME, ROLLOUT_ATTENTION_NAME, PREFIX_ATTENTION_NAME]
 EXPLAIN_ONNX_FILE = "model_explain.onnx"
 BATCH_AXES = {PIXELS_NAME: "batch", PIXEL_VALUES_NAME: "tensor_batch"}
 ROWS_AXIS = "rows"  # batch + tensor_batch
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+PrefixToken = Literal["class", "distillation", "register"]
+Head = Literal["token", "avg", "distilled", "token+patch_mean"]
 
 
 class Preprocessing(BaseModel):
@@ -84,7 +92,23 @@ class Manifest(BaseModel):
     name: str
     labels: list[str]
     preprocessing: Preprocessing
-    pooling: Literal["token", "avg"]
+    pooling: Literal["token", "avg"] = Field(
+        description="token: the head reads the [class] token (alone, with the distillation token, or beside the "
+        "patch mean; `head` says which); avg: it reads only the mean of the patch tokens"
+    )
+    # The defaults describe the plain ViT, which every earlier export was.
+    prefix_tokens: list[PrefixToken] = Field(
+        default_factory=lambda: ["class"], description="the kind of each row before the patches, in order"
+    )
+    head: Head = Field(
+        "token",
+        description="token: x[:, 0]; avg: patch mean; distilled: mean of the class head on x[:, 0] and the "
+        "distillation head on x[:, 1]; token+patch_mean: one linear layer on concat(x[:, 0], patch mean) (DINOv2)",
+    )
+    embedding: str = Field(
+        "the [class] token's final output after the final norm: the vector the head reads",
+        description="what the `embedding` output is, in words",
+    )
     input_names: list[str] = INPUT_NAMES
     output_names: list[str] = OUTPUT_NAMES
     opset: int
@@ -94,7 +118,9 @@ class Manifest(BaseModel):
     verification: dict[str, object] = Field(default_factory=dict, description="what the export checked, with figures")
     onnx_file: str = "model.onnx"
     onnx_sha256: str | None = Field(None, description="only in manifest.json: a file cannot hold its own hash")
-    explain_onnx_file: str | None = Field(None, description="graph that also outputs the [class] token's attention")
+    explain_onnx_file: str | None = Field(
+        None, description="graph that also outputs the [class] token's attention; None without a [class] token"
+    )
     explain_onnx_sha256: str | None = None
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import warnings
@@ -37,6 +38,8 @@ from model_export.manifest import (
 from model_export.quantize import quantize_in_place
 from model_export.vit import VisionTransformer, ViTConfig, class_token_attention
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_OPSET = 17
 # (pixels rows, pixel_values rows) traced: different sizes, so the tracer cannot tie the two axes.
 TRACE_BATCHES = (2, 1)
@@ -65,7 +68,7 @@ class BatchCheck:
 class _Graph(nn.Module):
     """What is traced: uint8 pixels normalised in the graph, then joined by already-normalised
     rows; out come the logits and the embedding, and with explain=True the [class] token's
-    attention maps."""
+    attention maps over the patches and its attention shares on the prefix rows."""
 
     def __init__(self, model: VisionTransformer, preprocessing: Preprocessing, explain: bool) -> None:
         super().__init__()
@@ -82,19 +85,38 @@ class _Graph(nn.Module):
         x = torch.cat([x, pixel_values], dim=0)  # (B + B2, C, H, W)
         if not self.explain:
             features = self.model.forward_features(x)
-            return self.model.forward_head(features), self.model.forward_head(features, pre_logits=True)
+            return self.model.forward_head(features), self.model.embedding(features)
         features, attentions = self.model.forward_features_with_attention(x)
-        last_layer, rollout = class_token_attention(attentions, self.model.cfg.grid_size)
-        return (
-            self.model.forward_head(features),
-            self.model.forward_head(features, pre_logits=True),
-            last_layer,
-            rollout,
-        )
+        maps = class_token_attention(attentions, self.model.cfg.grid_size, self.model.num_prefix_tokens)
+        return self.model.forward_head(features), self.model.embedding(features), *maps
 
 
 def output_names(explain: bool) -> list[str]:
     return EXPLAIN_OUTPUT_NAMES if explain else OUTPUT_NAMES
+
+
+def graph_description(cfg: ViTConfig) -> dict[str, object]:
+    """The manifest fields that say what the graph's rows and outputs are, from the traced model's config."""
+    if not cfg.class_token:
+        norm = "then normed (fc_norm)" if cfg.fc_norm else "after the final norm"
+        embedding = f"the mean of the patch tokens, {norm}: the vector the head reads (this model has no [class] token)"
+    else:
+        reads = {
+            "token": "the vector the head reads",
+            "avg": "the head reads the patch mean instead",
+            "distilled": "the class head reads it; the distillation head reads row 1",
+            "token+patch_mean": "the head reads it beside the patch mean",
+        }[cfg.head]
+        normed = "after the final norm"
+        if cfg.fc_norm and cfg.head == "avg":  # the norm follows the pooling and never sees the class token
+            normed = "without a norm (this model's norm follows the patch pooling)"
+        embedding = f"the [class] token's final output {normed}: {reads}"
+    return {
+        "pooling": "avg" if cfg.head == "avg" else "token",
+        "prefix_tokens": cfg.prefix_tokens,
+        "head": cfg.head,
+        "embedding": embedding,
+    }
 
 
 def random_inputs(
@@ -184,10 +206,10 @@ def verify_onnx(
             x = torch.cat([normalise(pixels, preprocessing), tensors])
             if explain:
                 features, attentions = model.eval().forward_features_with_attention(x)
-                maps = class_token_attention(attentions, model.cfg.grid_size)
+                maps = class_token_attention(attentions, model.cfg.grid_size, model.num_prefix_tokens)
             else:
                 features, maps = model.eval().forward_features(x), ()
-            reference = [model.forward_head(features), model.forward_head(features, pre_logits=True), *maps]
+            reference = [model.forward_head(features), model.embedding(features), *maps]
         expected = [t.numpy() for t in reference]
         actual = session.run(output_names(explain), {PIXELS_NAME: pixels.numpy(), PIXEL_VALUES_NAME: tensors.numpy()})
         diff = 0.0
@@ -222,7 +244,13 @@ def write_artifact(
     `manifest.json` into out_dir; returns the final manifest.
 
     Each graph is verified in fp32 first. An int8 or fp16 variant is then made from it; its
-    distance from PyTorch is recorded, and with gate="fashion-mnist" its accuracy must pass."""
+    distance from PyTorch is recorded, and with gate="fashion-mnist" its accuracy must pass.
+    The manifest's pooling, prefix_tokens, head and embedding are set from the model itself. A
+    model without a [class] token gets no explain graph: its maps are the class token's."""
+    if explain and not model.cfg.class_token:
+        logger.info("no %s: the model has no [class] token whose attention it would map", EXPLAIN_ONNX_FILE)
+        explain = False
+    manifest = manifest.model_copy(update=graph_description(model.cfg))
     graphs = {manifest.onnx_file: False, **({EXPLAIN_ONNX_FILE: True} if explain else {})}
     variant = variant_name(precision, fused_attention)
     verification: dict[str, object] = {

@@ -78,10 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     x, y = _to_tensor(train_x), torch.from_numpy(train_y.astype(np.int64))
     tx, ty = _to_tensor(test_x), torch.from_numpy(test_y.astype(np.int64))
 
-    # Weight decay on matrices only: decaying the [class] token, position table, norms and
+    # Weight decay on matrices only: decaying the prefix tokens, position table, norms and
     # biases towards zero would fight exactly the parameters the ViT needs to keep distinct.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("cls_token", "pos_embed")]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in ("cls_token", "pos_embed"))]
+    def decays(name: str, param: torch.Tensor) -> bool:
+        return param.ndim >= 2 and not name.endswith("_token") and name != "pos_embed"
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )

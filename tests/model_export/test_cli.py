@@ -24,7 +24,9 @@ def test_random_init_preset_exports_and_reports_what_it_verified(tmp_path):
     result = _run("--random-init", "--preset", "vit_tiny_patch16_224", "--out", tmp_path / "ti")
     assert result.returncode == 0, result.stderr
     for batch, tensor_batch in VERIFY_BATCHES:
-        assert f"verified: {batch} uint8 images + {tensor_batch} normalised tensors: max |ORT - PyTorch|" in result.stdout
+        assert (
+            f"verified: {batch} uint8 images + {tensor_batch} normalised tensors: max |ORT - PyTorch|" in result.stdout
+        )
     assert "onnx.checker passed" in result.stdout
     manifest = Manifest.read(tmp_path / "ti")
     assert (manifest.name, manifest.source.layout, manifest.config["embed_dim"]) == ("ti", "random-init", 192)

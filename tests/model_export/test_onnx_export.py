@@ -24,6 +24,7 @@ from model_export.onnx_export import (
     VERIFY_BATCHES,
     ExportError,
     export_onnx,
+    graph_description,
     normalise,
     verify_onnx,
     write_artifact,
@@ -31,9 +32,9 @@ from model_export.onnx_export import (
 from model_export.vit import VisionTransformer, ViTConfig
 
 
-def _model(pool: str = "token") -> VisionTransformer:
+def _model(head: str = "token") -> VisionTransformer:
     torch.manual_seed(0)
-    cfg = ViTConfig(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, pool=pool)
+    cfg = ViTConfig(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, head=head)
     model = VisionTransformer(cfg).eval()
     torch.nn.init.normal_(model.head.weight)
     return model
@@ -44,7 +45,7 @@ def _manifest(model: VisionTransformer) -> Manifest:
         name="tiny",
         labels=[f"c{i}" for i in range(5)],
         preprocessing=default_preprocessing("timm", 32, 3),
-        pooling=model.cfg.pool,
+        **graph_description(model.cfg),
         opset=17,
         config=model.cfg.to_dict(),
         source=Source(checkpoint="w.safetensors", layout="timm", sha256="ab" * 32),
@@ -129,9 +130,9 @@ def test_the_class_token_slice_and_the_head_are_in_the_graph(artifact):
 
 
 def test_avg_pooling_exports_and_verifies_too(tmp_path):
-    model = _model(pool="avg")
+    model = _model(head="avg")
     manifest = write_artifact(model, tmp_path, _manifest(model))
-    assert manifest.pooling == "avg"
+    assert (manifest.pooling, manifest.head, manifest.prefix_tokens) == ("avg", "avg", ["class"])
 
 
 def test_verification_catches_a_graph_that_differs_from_the_model(tmp_path):
@@ -157,12 +158,13 @@ def test_explain_graph_outputs_logits_and_two_normalised_maps(artifact):
     session = _session(out / "model_explain.onnx")
     assert [o.name for o in session.get_outputs()] == EXPLAIN_OUTPUT_NAMES
     feeds = {PIXELS_NAME: _pixels(3, seed=1), PIXEL_VALUES_NAME: NO_TENSORS}
-    logits, embedding, last_layer, rollout = session.run(None, feeds)
+    logits, embedding, last_layer, rollout, prefix = session.run(None, feeds)
     plain = _session(out / "model.onnx").run(None, feeds)
     assert np.abs(logits - plain[0]).max() <= FP32_TOLERANCE and np.abs(embedding - plain[1]).max() <= FP32_TOLERANCE
     for grid in (last_layer, rollout):
         assert grid.shape == (3, 4, 4) and (grid >= 0).all()
         assert np.allclose(grid.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    assert prefix.shape == (3, 1) and ((prefix > 0) & (prefix < 1)).all()  # the class token's share of itself
 
 
 def test_no_explain_writes_only_the_plain_graph(tmp_path):

@@ -27,7 +27,7 @@ def test_token_pooling_reads_only_the_class_token():
 
 
 def test_avg_pooling_reads_the_patch_tokens_not_the_class_token():
-    model = VisionTransformer(ViTConfig(**{**SMALL.to_dict(), "pool": "avg"})).eval()
+    model = VisionTransformer(ViTConfig(**{**SMALL.to_dict(), "head": "avg"})).eval()
     torch.nn.init.normal_(model.head.weight)
     features = torch.randn(2, 17, 32)
     changed = features.clone()
@@ -113,18 +113,21 @@ def test_attention_maps_are_grids_that_sum_to_one():
     model = VisionTransformer(SMALL).eval()
     with torch.no_grad():
         _, attentions = model.forward_features_with_attention(torch.randn(2, 3, 32, 32))
-        last, rollout = class_token_attention(attentions, grid=4)
+        last, rollout, prefix = class_token_attention(attentions, grid=4)
     for grid in (last, rollout):
         assert grid.shape == (2, 4, 4) and (grid >= 0).all()
         assert torch.allclose(grid.sum(dim=(1, 2)), torch.ones(2))
+    # The class token's own share: what the patches did not get of its last-layer attention.
+    assert prefix.shape == (2, 1)
+    assert torch.allclose(prefix[:, 0], 1 - attentions[-1].mean(dim=1)[:, 0, 1:].sum(-1))
 
 
 def test_rollout_of_uniform_attention_is_uniform_and_follows_a_focused_class_token():
     uniform = [torch.full((1, 2, 17, 17), 1 / 17) for _ in range(3)]
-    _, rollout = class_token_attention(uniform, grid=4)
+    _, rollout, _ = class_token_attention(uniform, grid=4)
     assert torch.allclose(rollout, torch.full((1, 4, 4), 1 / 16))
     focused = torch.full((1, 2, 17, 17), 1 / 17)
     focused[:, :, 0] = 0
     focused[:, :, 0, 6] = 1.0  # the class token looks only at patch 5 (row 1, col 1)
-    last, rollout = class_token_attention([focused], grid=4)
+    last, rollout, _ = class_token_attention([focused], grid=4)
     assert last[0, 1, 1] == 1.0 and rollout[0].argmax() == 5
