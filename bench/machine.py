@@ -56,6 +56,12 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return name, [flag for flag in KERNEL_FLAGS if flag in flags]
 
 
+def describe_cpu() -> str:
+    """The processor's name and the flags that pick onnxruntime's matrix kernels."""
+    name, flags = _cpuinfo()
+    return f"{name} ({', '.join(flags) or 'no kernel flags of note'})"
+
+
 def _gpu_name() -> str:
     try:
         query = subprocess.run(

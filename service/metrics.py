@@ -31,6 +31,13 @@ class FrontendMetrics:
             "vit_preprocess_seconds", "decode and resize time per image", buckets=_SECONDS, registry=None
         )
         self.rejections = _rejections()
+        # Observed here, from each image's DONE record: it keeps the engine's own work per image small.
+        self.queue_wait_seconds = Histogram(
+            "vit_queue_wait_seconds",
+            "time an image waits in the engine before its batch runs",
+            buckets=_SECONDS,
+            registry=None,
+        )
         self.in_flight = Gauge(
             "vit_requests_in_flight", "inference requests being served", registry=None, multiprocess_mode="livesum"
         )
@@ -52,12 +59,6 @@ class FrontendMetrics:
 
 class EngineMetrics:
     def __init__(self) -> None:
-        self.queue_wait_seconds = Histogram(
-            "vit_queue_wait_seconds",
-            "time an image waits in the engine before its batch runs",
-            buckets=_SECONDS,
-            registry=None,
-        )
         self.inference_seconds = Histogram(
             "vit_inference_seconds", "onnxruntime time per batch", buckets=_SECONDS, registry=None
         )

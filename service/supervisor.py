@@ -88,14 +88,10 @@ class Supervisor:
         self.engine_deaths: collections.deque[float] = collections.deque()
         self.draining = False
         self.exit_status = 0
-        wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(wakeup_read, selectors.EVENT_READ, "signal")
-        signal.set_wakeup_fd(wakeup_write)
-        self._wakeup = wakeup_read
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)  # the wake-up fd carries the signal to the loop
+        self._wakeup, self._wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wakeup, selectors.EVENT_READ, "signal")
 
-    def _spawn(self, role: str, partition: int = 0) -> Child:
+    def spawn(self, role: str, partition: int = 0) -> Child:
         status_read, status_write = os.pipe()
         boot = Boot(
             role=role,
@@ -159,16 +155,18 @@ class Supervisor:
         return message
 
     def run(self) -> int:
+        signal.set_wakeup_fd(self._wakeup_write)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)  # the wake-up fd carries the signal to the loop
         try:
             # All at once: the front-ends import their web stack while the engine loads and warms up.
-            engine = self._spawn("engine")
-            frontends = [self._spawn("frontend", k) for k in range(self.layout.partitions)]
-            provider = self._wait_ready([engine])["provider"]
-            self._wait_ready(frontends)
+            engine = self.spawn("engine")
+            frontends = [self.spawn("frontend", k) for k in range(self.layout.partitions)]
+            provider = self.wait_ready([engine])["provider"]
+            self.wait_ready(frontends)
         except StartupError as exc:
             logger.error("start-up failed: %s", exc)
-            self._stop_all(signal.SIGKILL)
-            self._cleanup()
+            self.stop()
             return STARTUP_EXIT
         logger.info("vit-serve running on %s (%d front-ends, engine on %s)", self.url, self.layout.partitions, provider)
         try:
@@ -179,7 +177,7 @@ class Supervisor:
             self._cleanup()
         return self.exit_status
 
-    def _wait_ready(self, children: list[Child]) -> dict[str, object]:
+    def wait_ready(self, children: list[Child]) -> dict[str, object]:
         """Block until each child says ready (the last one's message is returned); a start-up
         error, an exit or a signal fails the start."""
         waiting = {id(child) for child in children}
@@ -240,7 +238,7 @@ class Supervisor:
             return
         if child.boot.role == "frontend":
             logger.warning("%s exited with %d: starting it again", child.boot.name, code)
-            self._spawn("frontend", child.boot.partition)
+            self.spawn("frontend", child.boot.partition)
             return
         now = time.monotonic()
         self.engine_deaths.append(now)
@@ -258,7 +256,12 @@ class Supervisor:
             self._drain()
             return
         logger.warning("the engine exited with %d: starting it again", code)
-        self._spawn("engine")
+        self.spawn("engine")
+
+    def stop(self) -> None:
+        """Kill every child and free what the supervisor owns (start-up failures, benchmarks)."""
+        self._stop_all(signal.SIGKILL)
+        self._cleanup()
 
     def _stop_all(self, sig: signal.Signals) -> None:
         for child in self.children.values():
@@ -268,7 +271,6 @@ class Supervisor:
             self._forget(child)
 
     def _cleanup(self) -> None:
-        signal.set_wakeup_fd(-1)
         self.listener.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
 

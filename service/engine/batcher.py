@@ -19,6 +19,7 @@ class Item:
     owner: object  # the front-end connection the image came from
     slot: int
     deadline: float  # time.monotonic() seconds
+    tensor: bool  # an already-normalised FP32 row, not uint8 pixels
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -26,7 +27,9 @@ class Batcher:
     def __init__(self, max_batch_size: int, max_wait_s: float, on_depth: Callable[[int], None]) -> None:
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
-        self._on_depth = on_depth  # told the queue depth, in images, whenever it changes
+        # Told the queue depth, in images, when a batch leaves or work is withdrawn: often enough for
+        # a gauge, and not once per arriving image.
+        self._on_depth = on_depth
         self._queue: collections.deque[Item] = collections.deque()
         self._changed = threading.Condition()
         self._closed = False
@@ -37,7 +40,6 @@ class Batcher:
     def put(self, items: list[Item]) -> None:
         with self._changed:
             self._queue.extend(items)
-            self._on_depth(len(self._queue))
             self._changed.notify()
 
     def remove(self, keep: Callable[[Item], bool]) -> list[Item]:

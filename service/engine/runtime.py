@@ -53,6 +53,10 @@ class OnnxBackend:
             raise StartupError(f"model file {self.onnx_path} not found")
         available = ort.get_available_providers()
         requested = requested_providers(settings.providers, available)
+        if requested[0] == CUDA and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu's [cuda,cudnn] extras install the CUDA and cuDNN libraries as wheels,
+            # in folders the dynamic loader does not search: load them from there first.
+            ort.preload_dlls()
         first = self._new_session(requested, settings.intra_op_threads)
         # onnxruntime-gpu without a usable CUDA prints errors and quietly runs on CPU:
         # believe only what the session says it is using.

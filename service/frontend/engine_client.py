@@ -210,8 +210,10 @@ class EngineClient:
             request.fail(InferenceFailed("inference failed for a batch holding this request's images"))
         elif record.status == Status.EXPIRED:
             request.fail(DeadlineExceeded("the request's deadline passed while its images were queued"))
-        elif len(request.done) == len(request.slots) and not request.outcome.done():
-            request.outcome.set_result(None)
+        else:
+            self.metrics.queue_wait_seconds.observe(record.queue_wait_s)
+            if len(request.done) == len(request.slots) and not request.outcome.done():
+                request.outcome.set_result(None)
 
     def _engine_lost(self) -> None:
         """Nothing touches the slots now: orphans are free; waiting requests keep theirs for the next engine."""

@@ -1,0 +1,73 @@
+"""The engine alone, fed as fast as a front-end can: its own CPU per image, and so how many images
+one engine process can hand to a GPU.
+
+The bench takes the place of front-end 0: it fills that partition's slots once, then keeps a
+fixed number of one-image requests in the engine, each SUBMIT answered by a DONE and sent again.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.cpu import process_tree_cpu_seconds
+from service.frontend.decode import Decoder
+from service.settings import Settings
+from service.shm_ring import Graph, Kind, Status, hello, kind_of, parse_done, submit
+from service.supervisor import Supervisor
+
+
+@dataclass(frozen=True)
+class EngineLimit:
+    in_flight: int
+    max_batch_size: int
+    images_per_s: float
+    engine_cpu_us: float  # per image
+    mean_batch: float
+
+
+def measure(model_dir: Path, image: bytes, in_flight: int, max_batch_size: int, seconds: float) -> EngineLimit:
+    settings = Settings(
+        model_dir=model_dir,
+        frontend_processes=1,
+        max_batch_size=max_batch_size,
+        max_queue_images=in_flight,
+        max_images_per_request=1,
+    )
+    supervisor = Supervisor(settings, "127.0.0.1", 0)
+    try:
+        engine = supervisor.spawn("engine")
+        supervisor.wait_ready([engine])
+        ring = supervisor.ring
+        slots = list(ring.layout.image_slot_ids(0))[:in_flight]
+        decoder = Decoder(supervisor.manifest.preprocessing, settings.max_image_pixels)
+        for slot in slots:
+            decoder.decode_into(image, ring.pixels[slot])
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(supervisor.engine_address)
+        sock.send(hello(0))
+        if kind_of(sock.recv(1 << 16)) != Kind.WELCOME:
+            raise RuntimeError("the engine did not welcome the bench")
+        return _drive(sock, slots, engine.process.pid, in_flight, max_batch_size, seconds)
+    finally:
+        supervisor.stop()
+
+
+def _drive(sock: socket.socket, slots: list[int], pid: int, in_flight: int, batch: int, seconds: float) -> EngineLimit:
+    far = time.monotonic() + 3600
+    for slot in slots:
+        sock.send(submit(Graph.PLAIN, [slot], far))
+    images, batches = 0, 0.0
+    cpu_before, started = process_tree_cpu_seconds(pid), time.monotonic()
+    while (now := time.monotonic()) < started + seconds:
+        for record in parse_done(sock.recv(1 << 16)):
+            if record.status != Status.OK:
+                raise RuntimeError(f"slot {record.slot}: {record.status.name}")
+            images += 1
+            batches += 1 / record.batch_size  # each image carries its batch's size
+            sock.send(submit(Graph.PLAIN, [record.slot], far))
+    cpu = process_tree_cpu_seconds(pid) - cpu_before
+    elapsed = now - started
+    return EngineLimit(in_flight, batch, images / elapsed, 1e6 * cpu / max(1, images), images / max(1.0, batches))
