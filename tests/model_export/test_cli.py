@@ -78,3 +78,18 @@ def _write(path: Path, tensors: dict | None) -> Path:
 def _tiny(directory: Path) -> Path:
     cfg = ViTConfig(img_size=32, patch_size=8, num_classes=2, embed_dim=64, depth=1, num_heads=1, mlp_dim=64)
     return _write(directory / "tiny.safetensors", VisionTransformer(cfg).state_dict())
+
+
+def test_a_model_without_a_class_token_exports_without_an_explain_graph_and_says_so(tmp_path):
+    cfg = ViTConfig(
+        img_size=32, patch_size=8, num_classes=2, embed_dim=64, depth=1, num_heads=1, mlp_dim=64,
+        class_token=False, reg_tokens=2, no_embed_class=True, fc_norm=True, head="avg",
+    )  # fmt: skip
+    path = _write(tmp_path / "gap.safetensors", VisionTransformer(cfg).state_dict())
+    result = _run(path, "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "prefix tokens: register, register; embedding: the mean of the patch tokens" in result.stdout
+    assert "no explain graph: the model has no [class] token" in result.stdout
+    manifest = Manifest.read(tmp_path / "o")
+    assert (manifest.head, manifest.pooling, manifest.prefix_tokens) == ("avg", "avg", ["register", "register"])
+    assert manifest.explain_onnx_file is None and not (tmp_path / "o" / "model_explain.onnx").exists()

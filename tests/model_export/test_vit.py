@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -131,3 +133,99 @@ def test_rollout_of_uniform_attention_is_uniform_and_follows_a_focused_class_tok
     focused[:, :, 0, 6] = 1.0  # the class token looks only at patch 5 (row 1, col 1)
     last, rollout, _ = class_token_attention([focused], grid=4)
     assert last[0, 1, 1] == 1.0 and rollout[0].argmax() == 5
+
+
+FAMILY = ViTConfig(
+    img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_dim=64,
+    distillation_token=True, reg_tokens=3, head="distilled",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("no_embed_class", [False, True])
+def test_prefix_rows_come_first_and_the_position_table_covers_them_or_not(no_embed_class):
+    cfg = replace(FAMILY, no_embed_class=no_embed_class)
+    model = VisionTransformer(cfg).eval()
+    assert cfg.prefix_tokens == ["class", "distillation", "register", "register", "register"]
+    assert model.num_prefix_tokens == 5
+    assert model.pos_embed.shape == (1, (0 if no_embed_class else 5) + 16, 32)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        x = model.embed(images)
+        patches = model.patch_embed(images).flatten(2).transpose(1, 2)
+    assert x.shape == (2, 5 + 16, 32)
+    assert torch.equal(x[:, 5:], patches + model.pos_embed[:, -16:])  # patch rows: patch + their own table rows
+    prefix_rows = torch.cat([model.cls_token, model.dist_token, model.reg_token], dim=1)
+    expected = prefix_rows if no_embed_class else prefix_rows + model.pos_embed[:, :5]
+    assert torch.equal(x[:, :5], expected.expand(2, -1, -1))
+
+
+def test_each_head_reads_what_it_says():
+    features = torch.randn(2, 5 + 16, 32)
+    distilled = VisionTransformer(FAMILY).eval()
+    for head in (distilled.head, distilled.head_dist):
+        torch.nn.init.normal_(head.weight)
+    expected = (distilled.head(features[:, 0]) + distilled.head_dist(features[:, 1])) / 2
+    assert torch.allclose(distilled.forward_head(features), expected)
+    dinov2 = VisionTransformer(replace(FAMILY, distillation_token=False, head="token+patch_mean")).eval()
+    torch.nn.init.normal_(dinov2.head.weight)
+    rows = torch.randn(2, 4 + 16, 32)  # the class token, 3 registers, 16 patches
+    assert dinov2.head.in_features == 64
+    assert torch.allclose(dinov2.forward_head(rows), dinov2.head(torch.cat([rows[:, 0], rows[:, 4:].mean(1)], 1)))
+    pooled = VisionTransformer(replace(FAMILY, class_token=False, distillation_token=False, head="avg")).eval()
+    torch.nn.init.normal_(pooled.head.weight)
+    changed = rows[:, 1:].clone()  # 3 registers, 16 patches
+    changed[:, :3] += 5.0  # registers are not patches: the mean never sees them
+    assert torch.equal(pooled.forward_head(rows[:, 1:]), pooled.forward_head(changed))
+
+
+def test_the_embedding_is_the_class_token_or_without_one_the_pooled_vector():
+    features = torch.randn(2, 5 + 16, 32)
+    assert torch.equal(VisionTransformer(FAMILY).embedding(features), features[:, 0])
+    no_class = VisionTransformer(replace(FAMILY, class_token=False, distillation_token=False, head="avg", fc_norm=True))
+    with torch.no_grad():
+        torch.nn.init.normal_(no_class.fc_norm.weight)
+        assert torch.allclose(no_class.embedding(features[:, 1:]), no_class.fc_norm(features[:, 4:].mean(1)))
+
+
+def test_layer_scale_gains_scale_each_residual_branch():
+    model = VisionTransformer(replace(SMALL, layer_scale=True)).eval()
+    assert model.blocks[0].ls1.gamma.shape == (32,)
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.ls1.gamma.zero_()
+            block.ls2.gamma.zero_()
+        assert torch.equal(model.blocks[0](x)[0], x)  # zero gains: the block is the identity
+        model.blocks[0].ls2.gamma.fill_(2.0)
+        residual = x + 2.0 * model.blocks[0].mlp(model.blocks[0].norm2(x))
+        assert torch.allclose(model.blocks[0](x)[0], residual)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"class_token": False}, "distillation token needs the class token"),
+        ({"distillation_token": False}, "distilled head needs the distillation token"),
+        ({"distillation_token": False, "class_token": False, "head": "token"}, "reads the class token"),
+        ({"fc_norm": True}, "fc_norm applies to the token or avg head"),
+        ({"head": "max"}, "head must be one of"),
+        ({"reg_tokens": -1}, "reg_tokens must be >= 0"),
+    ],
+)
+def test_inconsistent_prefix_and_head_settings_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        replace(FAMILY, **changes)
+
+
+def test_multiply_adds_count_the_prefix_tokens_and_the_wider_heads():
+    plain = replace(FAMILY, distillation_token=False, reg_tokens=0, head="token")
+    assert FAMILY.multiply_adds() > plain.multiply_adds()
+    assert replace(plain, head="token+patch_mean").multiply_adds() - plain.multiply_adds() == 32 * 5
+
+
+def test_resample_without_prefix_rows_and_without_antialias():
+    table = torch.randn(1, 16, 8)
+    smooth = resample_pos_embed(table, new_grid=2, num_prefix_rows=0)
+    sharp = resample_pos_embed(table, new_grid=2, num_prefix_rows=0, antialias=False)
+    assert smooth.shape == sharp.shape == (1, 4, 8)
+    assert not torch.allclose(smooth, sharp)  # downsampling: antialiasing averages more of the grid
