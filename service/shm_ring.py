@@ -35,9 +35,6 @@ import numpy as np
 from model_export.manifest import Manifest
 
 _ALIGN = 64  # each region starts on a cache line
-# Room for the explain graph's share per prefix token ([class], distillation, registers): more
-# than any published layout has. The engine checks every real row against the room at warm-up.
-_PREFIX_ROOM = 16
 
 
 def _aligned(size: int) -> int:
@@ -46,11 +43,12 @@ def _aligned(size: int) -> int:
 
 def row_floats(manifest: Manifest) -> int:
     """Room for one image's row of every output of either graph: logits, embedding, and the
-    explain graph's maps and prefix shares. The engine checks the real rows against it at warm-up."""
+    explain graph's two maps and its share per prefix token. The engine checks the real rows
+    against it at warm-up."""
     cfg = manifest.config
     grid = int(cfg.get("img_size", 0)) // max(1, int(cfg.get("patch_size", 1)))  # type: ignore[call-overload]
     embed = int(cfg.get("embed_dim", 0))  # type: ignore[call-overload]
-    return manifest.num_classes + embed + 2 * grid * grid + _PREFIX_ROOM
+    return manifest.num_classes + embed + 2 * grid * grid + len(manifest.prefix_tokens)
 
 
 @dataclass(frozen=True)

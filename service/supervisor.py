@@ -109,7 +109,7 @@ class Supervisor:
         fds = [self.ring.fd, status_write] + ([self.listener.fileno()] if role == "frontend" else [])
         module = "service.engine.process" if role == "engine" else "service.frontend.worker"
         process = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [sys.executable, "-m", module, boot.name],  # the name is for `ps`: the child reads stdin only
             stdin=subprocess.PIPE,
             pass_fds=fds,
             env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir},

@@ -27,7 +27,7 @@ def key_is_valid(presented: str, keys: list[str]) -> bool:
 
 async def require_api_key(request: Request) -> None:
     """FastAPI dependency: a no-op unless VIT_API_KEYS is set. Keys are never logged."""
-    keys = request.app.state.settings.api_key_list
+    keys = request.app.state.frontend.settings.api_key_list
     if not keys:
         return
     presented = presented_key(request)

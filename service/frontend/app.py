@@ -17,6 +17,7 @@ from service.frontend.body import BodyLimits
 from service.frontend.engine_client import EngineClient, EngineInfo
 from service.frontend.middleware import RequestContextMiddleware
 from service.frontend.routes import classify, demo, embed, health, models, v2
+from service.frontend.routes.dependencies import Frontend
 from service.metrics import FrontendMetrics, render
 from service.settings import Settings
 
@@ -64,13 +65,9 @@ def create_app(
         lifespan=lifespan,
         root_path=settings.root_path,
     )
-    app.state.settings = settings
-    app.state.manifest = manifest
-    app.state.engine = engine
-    app.state.metrics = metrics
-    app.state.lifecycle = lifecycle
     height, width, channels = engine.ring.layout.pixel_shape
-    app.state.limits = BodyLimits.from_settings(settings, values_per_image=height * width * channels)
+    limits = BodyLimits.from_settings(settings, values_per_image=height * width * channels)
+    app.state.frontend = Frontend(settings, manifest, engine, limits, metrics)
     install_error_handlers(app)
     for module in (classify, embed, models, health, v2, demo):
         app.include_router(module.router)

@@ -121,6 +121,12 @@ class Decoder:
             raise UnsupportedImageFormat(f"not a supported image format (supported: {SUPPORTED_FORMATS})")
         decoded = self._jpeg(data) if fmt == "JPEG" else None
         if decoded is not None:
+            height, width = decoded.shape[:2]
+            scale, crop, box = self._geometry(width, height)
+            if scale == (1, 1):  # already at the resize size: the model's input is a slice of it
+                left, top, right, bottom = crop
+                out[...] = decoded[top:bottom, left:right]
+                return
             image = Image.fromarray(decoded[..., 0] if decoded.shape[-1] == 1 else decoded)
         else:
             image = self._pillow(data, fmt)
@@ -200,19 +206,25 @@ class Decoder:
             image = Image.alpha_composite(background, rgba)
         return image if image.mode == target else image.convert(target)
 
-    def _resize(self, image: Image.Image) -> Image.Image:
+    def _geometry(
+        self, width: int, height: int
+    ) -> tuple[tuple[float, float], tuple[int, int, int, int], tuple[float, float, float, float]]:
+        """The resize scale (x, y), the centre crop in resized pixels, and that crop in source pixels."""
         prep = self.prep
-        width, height = image.size
         if prep.resize_mode == "squash":
             scale_x, scale_y = prep.resize_size / width, prep.resize_size / height
         else:
             scale_x = scale_y = prep.resize_size / min(width, height)
-        resized_w, resized_h = round(width * scale_x), round(height * scale_y)
-        left = (resized_w - prep.image_size) // 2
-        top = (resized_h - prep.image_size) // 2
-        if scale_x == scale_y == 1:
+        left = (round(width * scale_x) - prep.image_size) // 2
+        top = (round(height * scale_y) - prep.image_size) // 2
+        crop = (left, top, left + prep.image_size, top + prep.image_size)
+        box = (crop[0] / scale_x, crop[1] / scale_y, crop[2] / scale_x, crop[3] / scale_y)
+        return (scale_x, scale_y), crop, box
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        scale, crop, box = self._geometry(*image.size)
+        if scale == (1, 1):
             # At scale 1 every filter weighs only the pixel itself: the crop is the resize, exactly.
-            return image.crop((left, top, left + prep.image_size, top + prep.image_size))
+            return image.crop(crop)
         # Resize only the source region that the centre crop keeps: same pixels, less work.
-        box = (left / scale_x, top / scale_y, (left + prep.image_size) / scale_x, (top + prep.image_size) / scale_y)
-        return image.resize((prep.image_size, prep.image_size), self.resample, box=box)
+        return image.resize((self.prep.image_size, self.prep.image_size), self.resample, box=box)

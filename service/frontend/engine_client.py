@@ -293,7 +293,8 @@ class EngineClient:
         )
 
     def _reserve(self, images: int, tensors: int) -> list[int]:
-        self._check_ready()
+        # No readiness check here: the request was admitted, so it waits for an engine (within its
+        # deadline) even if this one dies while its body is read.
         if images > len(self._free_images):
             self._refuse_full(images, "images")
         if tensors > len(self._free_tensors):

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_export.manifest import EMBEDDING_NAME, LAST_LAYER_ATTENTION_NAME, LOGITS_NAME, ROLLOUT_ATTENTION_NAME
+from model_export.manifest import (
+    EMBEDDING_NAME,
+    LAST_LAYER_ATTENTION_NAME,
+    LOGITS_NAME,
+    PREFIX_ATTENTION_NAME,
+    ROLLOUT_ATTENTION_NAME,
+)
 from service.explain import heatmap_png
-
-# The explain graph's share of the [class] token's last-layer attention on each prefix token.
-PREFIX_ATTENTION_NAME = "cls_attention_prefix"
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Attention:
     last_layer: list[list[float]]
     heatmap_png: str  # base64 PNG of the rollout over the model's view of the image
     # Share of the last layer's class-token attention per kind of prefix token, and on the patches.
-    token_shares: dict[str, float] | None
+    token_shares: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,11 @@ def embeddings(rows: list[dict[str, np.ndarray]], normalize: bool) -> np.ndarray
 
 def attention(rows: dict[str, np.ndarray], pixels: np.ndarray, prefix_tokens: list[str]) -> Attention:
     rollout = rows[ROLLOUT_ATTENTION_NAME]
-    shares = None
-    if PREFIX_ATTENTION_NAME in rows:
-        per_token = rows[PREFIX_ATTENTION_NAME]
-        shares = {}
-        for kind, share in zip(prefix_tokens, per_token, strict=True):
-            shares[kind] = shares.get(kind, 0.0) + float(share)
-        shares["patches"] = max(0.0, 1.0 - float(per_token.sum()))
+    per_token = rows[PREFIX_ATTENTION_NAME]
+    shares: dict[str, float] = {}
+    for kind, share in zip(prefix_tokens, per_token, strict=True):
+        shares[kind] = shares.get(kind, 0.0) + float(share)
+    shares["patches"] = max(0.0, 1.0 - float(per_token.sum()))
     return Attention(
         rollout=rollout.tolist(),
         last_layer=rows[LAST_LAYER_ATTENTION_NAME].tolist(),

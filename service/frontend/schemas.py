@@ -21,10 +21,9 @@ class AttentionOut(BaseModel):
     rollout: list[list[float]] = Field(description="attention rollout through every block (heads averaged)")
     last_layer: list[list[float]] = Field(description="the class token's attention in the last block, heads averaged")
     heatmap_png: str = Field(description="base64 PNG at the model's input size: the rollout over the image it saw")
-    token_shares: dict[str, float] | None = Field(
-        None,
-        description="the class token's last-layer attention per kind of token: class, distillation, register, "
-        "patches (sums to 1); for models whose graph reports its prefix tokens",
+    token_shares: dict[str, float] = Field(
+        description="the class token's last-layer attention (heads averaged) per kind of token: class, "
+        "distillation, register, patches; sums to 1",
         examples=[{"class": 0.04, "register": 0.41, "patches": 0.55}],
     )
 
@@ -87,6 +86,9 @@ class ModelInfo(BaseModel):
     input_size: InputSize
     preprocessing: Preprocessing
     pooling: str
+    prefix_tokens: list[str] = Field(description="the kind of each token before the patches, in order")
+    head: str = Field(description="what the classifier reads: token, avg, distilled or token+patch_mean")
+    embedding: str = Field(description="what POST /embed returns, in words")
     variant: str = Field(description="fp32, int8 or fp16, +fused-attention when the graph uses the fused operator")
     variant_gate: dict[str, object] | None = Field(
         None, description="a reduced-precision variant's measured accuracy gate"

@@ -8,23 +8,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from model_export.manifest import Manifest
 from service.errors import InvalidParameter
 from service.frontend.access import require_api_key
-from service.frontend.body import BodyLimits
-from service.frontend.engine_client import Answer, EngineClient
+from service.frontend.engine_client import Answer
 from service.frontend.results import attention, predictions
-from service.frontend.routes.dependencies import (
-    get_engine,
-    get_limits,
-    get_manifest,
-    get_settings,
-    request_deadline,
-    wait_for_disconnect,
-)
+from service.frontend.routes.dependencies import Frontend, get_frontend, request_deadline, wait_for_disconnect
 from service.frontend.schemas import ERROR_RESPONSES, ClassifyResponse
 from service.frontend.uploads import OPENAPI_REQUEST_BODY, read_uploads
-from service.settings import Settings
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
 
@@ -51,19 +41,17 @@ def timing_headers(answer: Answer) -> dict[str, str]:
 )
 async def classify(
     request: Request,
-    engine: Annotated[EngineClient, Depends(get_engine)],
-    manifest: Annotated[Manifest, Depends(get_manifest)],
-    settings: Annotated[Settings, Depends(get_settings)],
-    limits: Annotated[BodyLimits, Depends(get_limits)],
+    frontend: Annotated[Frontend, Depends(get_frontend)],
     deadline: Annotated[float, Depends(request_deadline)],
     top_k: Annotated[int | None, Query(ge=1, description="labels per image (default VIT_DEFAULT_TOP_K)")] = None,
     explain: Annotated[bool, Query(description="also return where the [class] token looked")] = False,
 ) -> Response:
-    k = top_k or min(settings.default_top_k, manifest.num_classes)
+    manifest, engine = frontend.manifest, frontend.engine
+    k = top_k or min(frontend.settings.default_top_k, manifest.num_classes)
     if k > manifest.num_classes:
         raise InvalidParameter(f"top_k must be between 1 and {manifest.num_classes}, the number of classes")
     with engine.admitted():
-        uploads = await read_uploads(request, limits)
+        uploads = await read_uploads(request, frontend.limits)
         answer = await engine.run(
             uploads, deadline=deadline, explain=explain, gone=partial(wait_for_disconnect, request)
         )
@@ -74,8 +62,7 @@ async def classify(
             "predictions": [vars(p) for p in predictions(rows, manifest.labels, k)],
         }
         if answer.pixels is not None:
-            maps = attention(rows, answer.pixels[index], getattr(manifest, "prefix_tokens", ["class"]))
-            result["attention"] = {key: value for key, value in vars(maps).items() if value is not None}
+            result["attention"] = vars(attention(rows, answer.pixels[index], manifest.prefix_tokens))
         results.append(result)
     # Built by hand, not through the response model: this is the hot path, and the shape is fixed here.
     body = json.dumps({"model": manifest.name, "results": results}).encode()

@@ -8,19 +8,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from model_export.manifest import Manifest
 from service.frontend.access import require_api_key
-from service.frontend.body import BodyLimits
-from service.frontend.engine_client import EngineClient
 from service.frontend.results import embeddings
 from service.frontend.routes.classify import timing_headers
-from service.frontend.routes.dependencies import (
-    get_engine,
-    get_limits,
-    get_manifest,
-    request_deadline,
-    wait_for_disconnect,
-)
+from service.frontend.routes.dependencies import Frontend, get_frontend, request_deadline, wait_for_disconnect
 from service.frontend.schemas import ERROR_RESPONSES, EmbedResponse
 from service.frontend.uploads import OPENAPI_REQUEST_BODY, read_uploads
 
@@ -39,16 +30,19 @@ router = APIRouter(tags=["embed"], dependencies=[Depends(require_api_key)])
 )
 async def embed(
     request: Request,
-    engine: Annotated[EngineClient, Depends(get_engine)],
-    manifest: Annotated[Manifest, Depends(get_manifest)],
-    limits: Annotated[BodyLimits, Depends(get_limits)],
+    frontend: Annotated[Frontend, Depends(get_frontend)],
     deadline: Annotated[float, Depends(request_deadline)],
     normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
 ) -> Response:
-    with engine.admitted():
-        uploads = await read_uploads(request, limits)
-        answer = await engine.run(uploads, deadline=deadline, gone=partial(wait_for_disconnect, request))
+    with frontend.engine.admitted():
+        uploads = await read_uploads(request, frontend.limits)
+        answer = await frontend.engine.run(uploads, deadline=deadline, gone=partial(wait_for_disconnect, request))
     vectors = embeddings(answer.rows, normalize)
     results = [{"filename": u.name, "embedding": v.tolist()} for u, v in zip(uploads, vectors, strict=True)]
-    body = {"model": manifest.name, "dimension": int(vectors.shape[1]), "normalized": normalize, "results": results}
+    body = {
+        "model": frontend.manifest.name,
+        "dimension": int(vectors.shape[1]),
+        "normalized": normalize,
+        "results": results,
+    }
     return Response(json.dumps(body).encode(), media_type="application/json", headers=timing_headers(answer))

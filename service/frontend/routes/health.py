@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from service.frontend.routes.dependencies import get_lifecycle
+from service.frontend.routes.dependencies import Frontend, get_frontend
 from service.frontend.schemas import HealthResponse
-from service.lifecycle import Lifecycle
 
 router = APIRouter(tags=["health"])
 _NOT_READY = {503: {"model": HealthResponse, "description": "not ready (starting or draining), with the reason"}}
 
 
-def _provider(request: Request) -> str | None:
+def _provider(frontend: Frontend) -> str | None:
     """The provider the engine's session runs on, as it last reported it; None before it ever did."""
-    info = request.app.state.engine.info
+    info = frontend.engine.info
     return info.provider if info is not None else None
 
 
@@ -28,18 +27,19 @@ async def live() -> HealthResponse:
 
 
 @router.get("/startupz", response_model=HealthResponse, responses=_NOT_READY, summary="Startup: model loaded and warm")
-async def startup(request: Request, lifecycle: Annotated[Lifecycle, Depends(get_lifecycle)]) -> JSONResponse:
+async def startup(frontend: Annotated[Frontend, Depends(get_frontend)]) -> JSONResponse:
+    lifecycle = frontend.lifecycle
     if not lifecycle.started:
         body = HealthResponse(status="starting", reason=lifecycle.not_ready_reason())
         return JSONResponse(body.model_dump(), status_code=503)
-    return JSONResponse(HealthResponse(status="started", provider=_provider(request)).model_dump())
+    return JSONResponse(HealthResponse(status="started", provider=_provider(frontend)).model_dump())
 
 
 @router.get("/readyz", response_model=HealthResponse, responses=_NOT_READY, summary="Readiness: send traffic here")
 @router.get("/v2/health/ready", response_model=HealthResponse, responses=_NOT_READY, summary="OIP readiness")
-async def ready(request: Request, lifecycle: Annotated[Lifecycle, Depends(get_lifecycle)]) -> JSONResponse:
-    reason = lifecycle.not_ready_reason()
-    provider = _provider(request)
+async def ready(frontend: Annotated[Frontend, Depends(get_frontend)]) -> JSONResponse:
+    reason = frontend.lifecycle.not_ready_reason()
+    provider = _provider(frontend)
     if reason is not None:
         return JSONResponse(HealthResponse(status="not ready", reason=reason, provider=provider).model_dump(), 503)
     return JSONResponse(HealthResponse(status="ready", provider=provider).model_dump())

@@ -6,19 +6,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from model_export.manifest import Manifest
-from service.frontend.engine_client import EngineClient
-from service.frontend.routes.dependencies import get_engine, get_manifest, get_settings
+from service.frontend.routes.dependencies import Frontend, get_frontend
 from service.frontend.schemas import NOT_READY, BatchingOut, InputSize, ModelInfo, ModelList
-from service.settings import Settings
 
 router = APIRouter(tags=["models"])
 
 
-def model_info(manifest: Manifest, engine: EngineClient, settings: Settings) -> ModelInfo:
-    info = engine.info
-    assert info is not None  # the lifespan waits for the engine's welcome
-    layout = engine.ring.layout
+def model_info(frontend: Frontend) -> ModelInfo:
+    manifest, settings, info = frontend.manifest, frontend.settings, frontend.engine.model_info
+    layout = frontend.engine.ring.layout
     height, width, channels = layout.pixel_shape
     return ModelInfo(
         name=manifest.name,
@@ -26,6 +22,9 @@ def model_info(manifest: Manifest, engine: EngineClient, settings: Settings) -> 
         input_size=InputSize(channels=channels, height=height, width=width),
         preprocessing=manifest.preprocessing,
         pooling=manifest.pooling,
+        prefix_tokens=list(manifest.prefix_tokens),
+        head=manifest.head,
+        embedding=manifest.embedding,
         variant=manifest.variant,
         variant_gate=manifest.verification.get("variant_gate"),  # type: ignore[arg-type]
         provider=info.provider,
@@ -45,9 +44,5 @@ def model_info(manifest: Manifest, engine: EngineClient, settings: Settings) -> 
 
 
 @router.get("/v1/models", response_model=ModelList, summary="The served model", responses=NOT_READY)  # type: ignore[arg-type]
-async def list_models(
-    manifest: Annotated[Manifest, Depends(get_manifest)],
-    engine: Annotated[EngineClient, Depends(get_engine)],
-    settings: Annotated[Settings, Depends(get_settings)],
-) -> ModelList:
-    return ModelList(models=[model_info(manifest, engine, settings)])
+async def list_models(frontend: Annotated[Frontend, Depends(get_frontend)]) -> ModelList:
+    return ModelList(models=[model_info(frontend)])

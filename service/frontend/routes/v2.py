@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 from model_export.manifest import EMBEDDING_NAME, Manifest
 from service.errors import BadRequest, ModelNotFound
 from service.frontend.access import require_api_key
-from service.frontend.body import BodyLimits, read_body
-from service.frontend.engine_client import EngineClient
+from service.frontend.body import read_body
 from service.frontend.oip import (
     EMBEDDING_OUTPUT,
     HEADER_LENGTH,
@@ -23,17 +22,9 @@ from service.frontend.oip import (
     parse_infer_request,
 )
 from service.frontend.results import embeddings, probabilities
-from service.frontend.routes.dependencies import (
-    get_engine,
-    get_lifecycle,
-    get_limits,
-    get_manifest,
-    request_deadline,
-    wait_for_disconnect,
-)
+from service.frontend.routes.dependencies import Frontend, get_frontend, request_deadline, wait_for_disconnect
 from service.frontend.schemas import ERROR_RESPONSES, MODEL_NOT_FOUND
 from service.frontend.uploads import Upload
-from service.lifecycle import Lifecycle
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 SERVER_NAME = "vit-serve"
@@ -50,11 +41,8 @@ async def server_metadata(request: Request) -> dict[str, object]:
 
 
 @router.get("/models/{name}", summary="Model metadata", responses=MODEL_NOT_FOUND)  # type: ignore[arg-type]
-async def model_metadata(
-    name: str,
-    manifest: Annotated[Manifest, Depends(get_manifest)],
-    engine: Annotated[EngineClient, Depends(get_engine)],
-) -> dict[str, object]:
+async def model_metadata(name: str, frontend: Annotated[Frontend, Depends(get_frontend)]) -> dict[str, object]:
+    manifest, engine = frontend.manifest, frontend.engine
     _check_name(name, manifest)
     height, width, channels = engine.ring.layout.pixel_shape
     return {
@@ -77,13 +65,9 @@ async def model_metadata(
     summary="Model readiness (200 ready, 503 not)",
     responses={**MODEL_NOT_FOUND, 503: {"description": "not ready"}},  # type: ignore[dict-item]
 )
-async def model_ready(
-    name: str,
-    manifest: Annotated[Manifest, Depends(get_manifest)],
-    lifecycle: Annotated[Lifecycle, Depends(get_lifecycle)],
-) -> JSONResponse:
-    _check_name(name, manifest)
-    ready = lifecycle.not_ready_reason() is None
+async def model_ready(name: str, frontend: Annotated[Frontend, Depends(get_frontend)]) -> JSONResponse:
+    _check_name(name, frontend.manifest)
+    ready = frontend.lifecycle.not_ready_reason() is None
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
@@ -102,11 +86,10 @@ async def model_ready(
 async def infer(
     name: str,
     request: Request,
-    manifest: Annotated[Manifest, Depends(get_manifest)],
-    engine: Annotated[EngineClient, Depends(get_engine)],
-    limits: Annotated[BodyLimits, Depends(get_limits)],
+    frontend: Annotated[Frontend, Depends(get_frontend)],
     deadline: Annotated[float, Depends(request_deadline)],
 ) -> Response:
+    manifest, engine, limits = frontend.manifest, frontend.engine, frontend.limits
     _check_name(name, manifest)
     height, width, channels = engine.ring.layout.pixel_shape
     with engine.admitted():

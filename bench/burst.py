@@ -1,0 +1,74 @@
+"""A burst far over capacity: many clients post many images at the same instant. Refusals must stay
+fast (the server's own duration of each 429, from its access log) and nothing may be a 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bench.load import multipart_upload
+from bench.server import run_server
+
+
+@dataclass(frozen=True)
+class BurstResult:
+    requests: int
+    by_status: dict[int, int]
+    refusal_ms: tuple[float, float, float]  # server-side duration of the 429s: p10, p50, p90
+    accepted_ms: tuple[float, float, float]  # and of the 200s
+
+    @property
+    def server_errors(self) -> int:
+        return sum(count for status, count in self.by_status.items() if status >= 500 or status == 0)
+
+
+async def _post(host: str, port: int, request: bytes) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(int(v) for k, _, v in (line.partition(":") for line in lines) if k.lower() == "content-length")
+        await reader.readexactly(length)
+        return int(lines[0].split()[1])
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return 0
+    finally:
+        writer.close()
+
+
+async def _burst(url: str, request: bytes, clients: int) -> list[int]:
+    parts = urlsplit(url)
+    return await asyncio.gather(
+        *(_post(parts.hostname or "127.0.0.1", parts.port or 80, request) for _ in range(clients))
+    )
+
+
+def _deciles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return (values[0],) * 3 if values else (float("nan"),) * 3
+    cuts = statistics.quantiles(values, n=10, method="inclusive")
+    return cuts[0], cuts[4], cuts[8]
+
+
+def run_burst(model_dir: Path, image: bytes, clients: int, images_per_request: int, rounds: int) -> BurstResult:
+    with run_server(model_dir) as server:
+        request = multipart_upload(server.url, "/classify", [image] * images_per_request)
+        statuses: list[int] = []
+        for _ in range(rounds):
+            statuses += asyncio.run(_burst(server.url, request, clients))
+            time.sleep(0.5)  # let the admitted work finish: each round starts from an idle server
+        server.stop()
+    durations: dict[int, list[float]] = {200: [], 429: []}
+    for line in server.lines:
+        if line.startswith("{") and '"route": "/classify"' in line:
+            entry = json.loads(line)
+            durations.setdefault(entry["status"], []).append(entry["duration_ms"])
+    by_status = {status: statuses.count(status) for status in sorted(set(statuses))}
+    return BurstResult(len(statuses), by_status, _deciles(durations[429]), _deciles(durations[200]))

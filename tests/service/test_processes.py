@@ -1,0 +1,140 @@
+"""The process layout for real: a supervisor, two front-ends and one engine on loopback, and what
+happens when any of them dies. Nothing accepted is lost, nothing leaks, the totals add up."""
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.cpu import process_tree
+from bench.load import closed_loop
+from bench.server import ServerProcess, run_server
+from tests.conftest import metric, wait_for
+
+SHM = Path("/dev/shm")
+
+
+def children(server: ServerProcess) -> dict[str, int]:
+    """The server's processes by name (engine, frontend-0, ...), from their command lines."""
+    named = {}
+    for pid in process_tree(server.process.pid)[1:]:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"service.engine.process" in argv or b"service.frontend.worker" in argv:
+            named[argv[-2].decode()] = pid
+    return named
+
+
+def _png_files(samples, count: int = 1):
+    return [("file", (f"{i}.png", samples[i].encoded(), "image/png")) for i in range(count)]
+
+
+@pytest.fixture
+def shm_before():
+    return set(SHM.iterdir())
+
+
+def test_the_ring_is_an_anonymous_memfd_that_every_process_maps(samples, shm_before):
+    with run_server(frontend_processes=2) as server, server.client() as client:
+        assert client.post("/classify", files=_png_files(samples)).status_code == 200
+        named = children(server)
+        assert set(named) == {"engine", "frontend-0", "frontend-1"}
+        for pid in named.values():
+            assert "memfd:vit-serve-ring" in Path(f"/proc/{pid}/maps").read_text()
+        assert set(SHM.iterdir()) == shm_before  # nothing in /dev/shm, ever
+        assert server.stop() == 0
+    assert set(SHM.iterdir()) == shm_before
+
+
+def test_both_front_ends_serve_and_the_metrics_add_up_across_them(samples):
+    with run_server(frontend_processes=2) as server:
+        sent = 60
+
+        def classify(i: int) -> int:
+            # A fresh connection each time, so the kernel hands them to both front-ends.
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                return client.post("/classify", files=_png_files(samples[i % 10 :])).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(classify, range(sent))) == [200] * sent
+        with server.client() as client:
+            text = client.get("/metrics").text
+            assert metric(client, "vit_images_classified_total") == sent
+            assert metric(client, "vit_batch_size_images_sum") == sent  # the engine's batches
+            assert metric(client, "vit_queue_wait_seconds_count") == sent
+        served = [line for line in text.splitlines() if line.startswith("vit_requests_total")]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in served if 'route="/classify"' in line) == sent
+        assert server.stop() == 0
+    access = [json.loads(line) for line in server.lines if '"route": "/classify"' in line]
+    assert {entry["proc"] for entry in access} == {"frontend-0", "frontend-1"}
+
+
+def test_a_killed_front_end_is_replaced_and_the_others_keep_serving(samples, shm_before):
+    with run_server(frontend_processes=2) as server:
+        victim = children(server)["frontend-0"]
+        files = _png_files(samples)
+        killed = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+        killed.start()
+        outcomes = closed_loop(server.url, lambda c: c.post("/classify", files=files), clients=8, duration_s=4.0)
+        killed.join()
+        statuses = [o.status for o in outcomes]
+        # Connections the dead process held fail without an answer (status 0); every answer is a 200.
+        assert set(statuses) <= {200, 0} and statuses.count(200) > 0.9 * len(statuses)
+        wait_for(lambda: children(server).get("frontend-0") not in (None, victim))
+        wait_for(lambda: "frontend-0 ready" in server.log.split("exited with -9", 1)[-1])
+        with server.client() as client:
+            assert all(client.post("/classify", files=files).status_code == 200 for _ in range(20))
+        assert "front-end 0 disconnected" in server.log
+        assert server.stop() == 0
+    assert set(SHM.iterdir()) == shm_before
+
+
+def test_a_killed_engine_means_503_at_once_then_a_new_engine_and_nothing_accepted_lost(photo_1024, samples):
+    with run_server(frontend_processes=2, max_batch_size=2, request_timeout_s=60) as server:
+        engine = children(server)["engine"]
+        files = [("file", (f"{i}.jpg", photo_1024, "image/jpeg")) for i in range(16)]
+        with ThreadPoolExecutor(4) as pool, server.client() as client:
+            accepted = [pool.submit(client.post, "/classify", files=files) for _ in range(4)]
+            wait_for(lambda: metric(client, "vit_requests_in_flight") >= 4)
+            os.kill(engine, signal.SIGKILL)
+            wait_for(lambda: client.get("/readyz").status_code == 503, timeout=2.0)
+            assert "engine is not running" in client.get("/readyz").json()["reason"]
+            refused = client.post("/classify", files=_png_files(samples))
+            assert refused.status_code == 503 and refused.json()["error_type"] == "not_ready"
+            assert refused.headers["retry-after"] == "1"
+            wait_for(lambda: client.get("/readyz").status_code == 200)
+            assert children(server)["engine"] != engine
+            # Requests accepted before the death were sent again to the new engine and answered.
+            assert [f.result().status_code for f in accepted] == [200] * 4
+            assert all(len(f.result().json()["results"]) == 16 for f in accepted)
+        assert "the engine exited with -9: starting it again" in server.log
+        assert server.stop() == 0
+
+
+def test_with_no_restarts_left_an_engine_death_stops_the_server_non_zero(shm_before):
+    with run_server(frontend_processes=2, engine_restarts=0) as server:
+        named = children(server)
+        os.kill(named["engine"], signal.SIGKILL)
+        assert server.process.wait(timeout=60) == 1
+        assert "VIT_ENGINE_RESTARTS=0" in server.log
+        for pid in named.values():
+            assert not Path(f"/proc/{pid}").exists()
+    assert set(SHM.iterdir()) == shm_before
+
+
+def test_kill_9_of_the_supervisor_takes_every_process_with_it(samples, shm_before):
+    with run_server(frontend_processes=2) as server, server.client() as client:
+        named = children(server)
+        assert client.post("/classify", files=_png_files(samples)).status_code == 200
+        server.process.kill()
+        server.process.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in named.values()):
+            assert time.monotonic() < deadline, "a child outlived the supervisor"
+            time.sleep(0.05)
+    assert set(SHM.iterdir()) == shm_before
