@@ -82,12 +82,14 @@ def load_json(data: bytes, limits: BodyLimits, what: str) -> object:
     if data.count(b",") >= limits.max_json_values:
         raise PayloadTooLarge(f"{what} holds more than {limits.max_json_values} JSON values")
     brackets = data.translate(None, _NOT_BRACKETS)
-    if len(brackets) > 2 * limits.max_json_values:
-        raise PayloadTooLarge(f"{what} holds more than {limits.max_json_values} JSON arrays and objects")
+    containers = 2 * limits.max_json_values  # each array or object: an opening and a closing bracket
     if brackets:
-        nesting = np.frombuffer(brackets.translate(_BRACKETS), dtype=np.int8).cumsum(dtype=np.int32)
+        # Depth over at most the brackets a body may hold: the work stays bounded either way.
+        nesting = np.frombuffer(brackets[: containers + 1].translate(_BRACKETS), dtype=np.int8).cumsum(dtype=np.int32)
         if int(nesting.max()) > limits.max_json_depth:
             raise BadRequest(f"{what} nests deeper than {limits.max_json_depth} levels")
+    if len(brackets) > containers:
+        raise PayloadTooLarge(f"{what} holds more than {limits.max_json_values} JSON arrays and objects")
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -1,0 +1,56 @@
+"""The body budget on its own: JSON checked before it is parsed, and the last line of defence."""
+
+import logging
+
+import pytest
+
+from service.errors import BadRequest, PayloadTooLarge
+from service.frontend.body import BodyLimits, last_line_of_defence, load_json
+from service.logs import ContextFilter, request_id
+
+LIMITS = BodyLimits(
+    max_bytes=1 << 20,
+    max_images=4,
+    max_form_fields=2,
+    max_part_header_bytes=1024,
+    max_json_depth=4,
+    max_json_values=10,
+)
+
+
+def test_json_within_the_budget_parses():
+    assert load_json(b'{"images": ["a", "b"], "x": [[1, 2], {"y": 3}]}', LIMITS, "it") == {
+        "images": ["a", "b"],
+        "x": [[1, 2], {"y": 3}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "message"),
+    [
+        (b"[[[[[1]]]]]", BadRequest, "deeper than 4"),
+        (b"[" * 100_000 + b"]" * 100_000, BadRequest, "deeper than 4"),
+        (b"[" + b"1," * 10 + b"1]", PayloadTooLarge, "more than 10 JSON values"),
+        (b"[[],[],[],[],[],[],[],[],[],[],[]]", PayloadTooLarge, "more than 10 JSON values"),
+        (b'{"a": "[[[[[[["}', BadRequest, "deeper than 4"),  # brackets in strings count: a safe overestimate
+        (b'{"a": \xff}', BadRequest, "not valid JSON"),
+        (b"[1, 2", BadRequest, "not valid JSON"),
+    ],
+)
+def test_json_over_the_budget_or_broken_is_refused_before_it_is_built(body, error, message):
+    with pytest.raises(error, match=message):
+        load_json(body, LIMITS, "it")
+
+
+def test_the_unforeseen_becomes_a_400_logged_with_the_request_id(caplog):
+    caplog.handler.addFilter(ContextFilter("frontend-0"))  # as configure_logging does
+    token = request_id.set("req-42")
+    try:
+        with caplog.at_level(logging.ERROR), pytest.raises(BadRequest, match="could not be read"):
+            with last_line_of_defence():
+                raise ZeroDivisionError("a parser bug")
+    finally:
+        request_id.reset(token)
+    (record,) = caplog.records
+    assert record.exc_info[0] is ZeroDivisionError
+    assert record.request_id == "req-42"
