@@ -50,10 +50,14 @@ def _pump(stream: io.TextIOBase, lines: list[str], announced: queue.Queue[str | 
 
 
 @contextmanager
-def run_server(model_dir: Path = DEFAULT_MODEL_DIR, **env: object) -> Iterator[ServerProcess]:
-    """`vit-serve` on 127.0.0.1 and a free port, with VIT_* settings from env; killed on exit if still running."""
+def run_server(
+    model_dir: Path = DEFAULT_MODEL_DIR, environment: dict[str, str] | None = None, **settings: object
+) -> Iterator[ServerProcess]:
+    """`vit-serve` on 127.0.0.1 and a free port, with VIT_* settings from keywords (and any other
+    variables from `environment`); killed on exit if still running."""
     command = ["-m", "service.cli", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0"]
-    with run_uvicorn_process(command, {f"VIT_{k.upper()}": str(v) for k, v in env.items()}) as server:
+    env = {**(environment or {}), **{f"VIT_{k.upper()}": str(v) for k, v in settings.items()}}
+    with run_uvicorn_process(command, env) as server:
         yield server
 
 

@@ -29,6 +29,17 @@ def server() -> Iterator[ServerProcess]:
         assert running.stop() == 0, running.log
 
 
+@pytest.fixture(scope="session")
+def expected_provider() -> str:
+    """Where the server's session should run with VIT_PROVIDERS=auto on this host: CUDA wherever
+    onnxruntime-gpu has it (a GPU host), else the CPU. Tests compare what the server reports with it."""
+    import onnxruntime as ort
+
+    return (
+        "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
+    )
+
+
 @pytest.fixture
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with server.client() as c:

@@ -78,9 +78,9 @@ def test_default_top_k_and_full_top_k(client, samples):
     assert abs(sum(p["score"] for p in everything) - 1.0) < 1e-5
 
 
-def test_model_endpoint_reports_the_provider_read_from_the_session(client):
+def test_model_endpoint_reports_the_provider_read_from_the_session(client, expected_provider):
     (model,) = client.get("/v1/models").json()["models"]
-    assert model["provider"] == "CPUExecutionProvider"
+    assert model["provider"] == expected_provider == client.get("/readyz").json()["provider"]
     assert model["labels"][9] == "Ankle boot"
     assert model["input_size"] == {"channels": 1, "height": 28, "width": 28}
     assert model["batching"]["max_batch_size"] >= 1 and model["batching"]["session_workers"] >= 1

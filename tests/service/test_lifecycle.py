@@ -11,10 +11,10 @@ from bench.server import run_server
 from tests.conftest import REPO, metric
 
 
-def test_probes_report_alive_started_and_ready(client):
+def test_probes_report_alive_started_and_ready(client, expected_provider):
     for path in ("/livez", "/v2/health/live"):
         assert client.get(path).json()["status"] == "alive"
-    assert client.get("/startupz").json() == {"status": "started", "reason": None, "provider": "CPUExecutionProvider"}
+    assert client.get("/startupz").json() == {"status": "started", "reason": None, "provider": expected_provider}
     for path in ("/readyz", "/v2/health/ready"):
         response = client.get(path)
         assert response.status_code == 200 and response.json()["status"] == "ready"

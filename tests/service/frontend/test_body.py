@@ -46,9 +46,12 @@ def test_the_unforeseen_becomes_a_400_logged_with_the_request_id(caplog):
     caplog.handler.addFilter(ContextFilter("frontend-0"))  # as configure_logging does
     token = request_id.set("req-42")
     try:
-        with caplog.at_level(logging.ERROR), pytest.raises(BadRequest, match="could not be read"):
-            with last_line_of_defence():
-                raise ZeroDivisionError("a parser bug")
+        with (
+            caplog.at_level(logging.ERROR),
+            pytest.raises(BadRequest, match="could not be read"),
+            last_line_of_defence(),
+        ):
+            raise ZeroDivisionError("a parser bug")
     finally:
         request_id.reset(token)
     (record,) = caplog.records
