@@ -13,13 +13,15 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
 
-from model_export.manifest import Preprocessing
+from model_export.manifest import Head, Interpolation, Preprocessing
 from model_export.vit import VisionTransformer, ViTConfig, resample_pos_embed
 
 StateDict = dict[str, torch.Tensor]
+Json = dict[str, Any]  # a config file as json.loads reads it
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -260,7 +262,7 @@ def _table_covers_prefix(rows: int, prefix: int, hint: bool | None) -> bool:
     return covers
 
 
-def infer_shapes(sd: Mapping[str, torch.Tensor], no_embed_class: bool | None = None) -> dict[str, object]:
+def infer_shapes(sd: Mapping[str, torch.Tensor], no_embed_class: bool | None = None) -> Json:
     """ViTConfig fields that the tensors' shapes determine (all but heads and eps).
 
     The head kind follows from the head's tensors (`head_dist`: distilled; a (C, 2D) head:
@@ -334,7 +336,7 @@ def load_strict(model: VisionTransformer, sd: Mapping[str, torch.Tensor], antial
 
 # --- whole checkpoints ---------------------------------------------------------------------
 
-_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}
+_PIL_RESAMPLE: dict[int, Interpolation] = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}
 TRAINING_RECORD = "training_record.json"
 # timm's defaults where a pretrained_cfg leaves a field out (timm.data.constants).
 TIMM_DEFAULT_CROP_PCT = 0.875
@@ -347,8 +349,8 @@ class _Source:
 
     weights: Path
     kind: str  # "file" (weights alone), "native" (our training output), "hf" or "timm" (a model folder)
-    config: dict[str, object]  # HF or timm config.json, or our training record
-    processor: dict[str, object]  # HF preprocessor_config.json
+    config: Json  # HF or timm config.json, or our training record
+    processor: Json  # HF preprocessor_config.json
 
 
 def _open(path: Path) -> _Source:
@@ -362,37 +364,42 @@ def _open(path: Path) -> _Source:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path} is a directory but has no config.json (expected a Hugging Face model folder)")
-    weights = next((path / name for name in HF_WEIGHT_FILES if (path / name).is_file()), None)
-    if weights is None:
+    found = next((path / name for name in HF_WEIGHT_FILES if (path / name).is_file()), None)
+    if found is None:
         raise CheckpointError(f"{path}: none of {', '.join(HF_WEIGHT_FILES)} found beside config.json")
     config = json.loads(config_path.read_text())
     if "architecture" in config and "pretrained_cfg" in config:  # timm's save_for_hf / Hub layout
-        return _Source(weights, "timm", config, {})
+        return _Source(found, "timm", config, {})
     processor_path = path / "preprocessor_config.json"
     processor = json.loads(processor_path.read_text()) if processor_path.is_file() else {}
-    return _Source(weights, "hf", config, processor)
+    return _Source(found, "hf", config, processor)
 
 
-def _native_config(record: Mapping[str, object]) -> dict[str, object]:
-    config = dict(record["config"])  # type: ignore[call-overload]
+def _native_config(record: Json) -> Json:
+    config = dict(record["config"])
     if "pool" in config:  # records written before the head kinds had their own field
         config["head"] = config.pop("pool")
     return config
 
 
-def _native_preprocessing(record: Mapping[str, object], image_size: int, in_chans: int) -> Preprocessing:
+def _color_mode(in_chans: int) -> Literal["RGB", "L"]:
+    return "L" if in_chans == 1 else "RGB"
+
+
+def _native_preprocessing(record: Json, image_size: int, in_chans: int) -> Preprocessing:
     norm = record["normalisation"]
     return Preprocessing(
         image_size=image_size,
         resize_size=image_size,
+        resize_mode="shorter_side",
         interpolation="bilinear",
-        mean=list(norm["mean"]),  # type: ignore[index]
-        std=list(norm["std"]),  # type: ignore[index]
-        color_mode="L" if in_chans == 1 else "RGB",
+        mean=list(norm["mean"]),
+        std=list(norm["std"]),
+        color_mode=_color_mode(in_chans),
     )
 
 
-def _hf_overrides(config: Mapping[str, object]) -> dict[str, object]:
+def _hf_overrides(config: Json) -> Json:
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"unsupported hidden_act {config['hidden_act']!r}: this ViT uses exact GELU")
     if config.get("use_swiglu_ffn"):
@@ -405,27 +412,28 @@ def _hf_overrides(config: Mapping[str, object]) -> dict[str, object]:
     return {ours: config[theirs] for ours, theirs in keys.items() if theirs in config}
 
 
-def _side(size: object, what: str) -> int:
+def _side(size: Any, what: str) -> int:
     """The side of a square {height, width} (or a bare int) in a processor config."""
     if isinstance(size, Mapping):
         if size.get("height") != size.get("width"):
             raise CheckpointError(f"{what} {dict(size)} is not square: this service crops square inputs")
         return int(size["height"])
-    return int(size)  # type: ignore[call-overload]
+    return int(size)
 
 
-def _hf_preprocessing(processor: Mapping[str, object], image_size: int, in_chans: int) -> Preprocessing:
+def _hf_preprocessing(processor: Json, image_size: int, in_chans: int) -> Preprocessing:
     """The image processor's own steps: ViTImageProcessor squashes to (height, width); DeiT's squashes
     then centre-crops; DINOv2's (BitImageProcessor) resizes the shorter side, then centre-crops."""
     if processor.get("do_resize", True) is False or processor.get("do_rescale", True) is False:
         raise CheckpointError("the image processor does not resize or rescale; this service always does both")
-    if abs(float(processor.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:  # type: ignore[arg-type]
+    if abs(float(processor.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise CheckpointError(f"rescale_factor {processor['rescale_factor']} is not 1/255")
     size = processor.get("size", image_size)
+    mode: Literal["shorter_side", "squash"] = "squash"
     if isinstance(size, Mapping) and "shortest_edge" in size:
         mode, side = "shorter_side", int(size["shortest_edge"])
     else:
-        mode, side = "squash", _side(size, "size")
+        side = _side(size, "size")
     crop = processor.get("crop_size") if processor.get("do_center_crop", False) else None
     if crop is None and mode == "shorter_side":
         raise CheckpointError("the image processor resizes the shorter side without a crop: the input is not square")
@@ -433,71 +441,70 @@ def _hf_preprocessing(processor: Mapping[str, object], image_size: int, in_chans
     return Preprocessing(
         image_size=side if crop is None else _side(crop, "crop_size"),
         resize_size=side,
-        resize_mode=mode,  # type: ignore[arg-type]
-        interpolation=_PIL_RESAMPLE.get(int(processor.get("resample", 2)), "bilinear"),  # type: ignore[call-overload, arg-type]
-        mean=list(processor.get("image_mean", [0.5] * in_chans)) if normalise else [0.0] * in_chans,  # type: ignore[call-overload]
-        std=list(processor.get("image_std", [0.5] * in_chans)) if normalise else [1.0] * in_chans,  # type: ignore[call-overload]
-        color_mode="L" if in_chans == 1 else "RGB",
+        resize_mode=mode,
+        interpolation=_PIL_RESAMPLE.get(int(processor.get("resample", 2)), "bilinear"),
+        mean=list(processor.get("image_mean", [0.5] * in_chans)) if normalise else [0.0] * in_chans,
+        std=list(processor.get("image_std", [0.5] * in_chans)) if normalise else [1.0] * in_chans,
+        color_mode=_color_mode(in_chans),
     )
 
 
-def _timm_preprocessing(pretrained_cfg: Mapping[str, object], in_chans: int) -> Preprocessing:
+def _timm_preprocessing(pretrained_cfg: Json, in_chans: int) -> Preprocessing:
     """What timm's resolve_data_config + create_transform do at inference for this pretrained_cfg."""
-    _, height, width = pretrained_cfg["input_size"]  # type: ignore[misc]
+    height, width = (int(side) for side in pretrained_cfg["input_size"][1:])
     if height != width:
         raise CheckpointError(f"timm input_size {height}x{width} is not square: this service crops square inputs")
+    modes: dict[str, Literal["shorter_side", "squash"]] = {"center": "shorter_side", "squash": "squash"}
     crop_mode = pretrained_cfg.get("crop_mode", "center")
-    modes = {"center": "shorter_side", "squash": "squash"}
     if crop_mode not in modes:
         raise CheckpointError(f"timm crop_mode {crop_mode!r} is not supported (center or squash)")
     interpolation = pretrained_cfg.get("interpolation", "bicubic")
     if interpolation not in _PIL_RESAMPLE.values():
-        raise CheckpointError(
-            f"timm interpolation {interpolation!r} is not supported ({', '.join(_PIL_RESAMPLE.values())})"
-        )
-    crop_pct = float(pretrained_cfg.get("crop_pct") or TIMM_DEFAULT_CROP_PCT)  # type: ignore[arg-type]
+        supported = ", ".join(_PIL_RESAMPLE.values())
+        raise CheckpointError(f"timm interpolation {interpolation!r} is not supported ({supported})")
+    crop_pct = float(pretrained_cfg.get("crop_pct") or TIMM_DEFAULT_CROP_PCT)
     return Preprocessing(
-        image_size=int(height),
-        resize_size=math.floor(int(height) / crop_pct),
-        resize_mode=modes[crop_mode],  # type: ignore[index, arg-type]
-        interpolation=interpolation,  # type: ignore[arg-type]
-        mean=list(pretrained_cfg.get("mean", TIMM_DEFAULT_MEAN)),  # type: ignore[call-overload]
-        std=list(pretrained_cfg.get("std", TIMM_DEFAULT_STD)),  # type: ignore[call-overload]
-        color_mode="L" if in_chans == 1 else "RGB",
+        image_size=height,
+        resize_size=math.floor(height / crop_pct),  # timm: scale_size = floor(img_size / crop_pct)
+        resize_mode=modes[crop_mode],
+        interpolation=cast(Interpolation, interpolation),
+        mean=list(pretrained_cfg.get("mean", TIMM_DEFAULT_MEAN)),
+        std=list(pretrained_cfg.get("std", TIMM_DEFAULT_STD)),
+        color_mode=_color_mode(in_chans),
     )
 
 
-def _timm_head(config: Mapping[str, object], inferred: str) -> str:
+def _timm_head(config: Json, inferred: Head) -> Head:
     """timm's global_pool decides token against avg where the shapes cannot; other pools are refused."""
-    args = config.get("model_args") or {}
-    pool = config.get("global_pool", args.get("global_pool"))  # type: ignore[union-attr]
+    pool = config.get("global_pool", (config.get("model_args") or {}).get("global_pool"))
     if pool in (None, ""):
         return inferred
     if pool not in ("token", "avg"):
         raise CheckpointError(f"unsupported layout: timm global_pool={pool!r} (this ViT pools by token or avg)")
-    return pool if inferred in ("token", "avg") else inferred  # type: ignore[return-value]
+    return cast(Head, pool) if inferred in ("token", "avg") else inferred
 
 
 def default_preprocessing(layout: str, image_size: int, in_chans: int) -> Preprocessing:
     """What each library's own inference transform does for a ViT."""
-    color_mode = "L" if in_chans == 1 else "RGB"
     if layout == "torchvision":  # ViT_B_16_Weights.IMAGENET1K_V1.transforms()
         return Preprocessing(
             image_size=image_size,
             resize_size=round(image_size * 256 / 224),
+            resize_mode="shorter_side",
             interpolation="bilinear",
             mean=[0.485, 0.456, 0.406][:in_chans],
             std=[0.229, 0.224, 0.225][:in_chans],
-            color_mode=color_mode,
+            color_mode=_color_mode(in_chans),
         )
     # timm's ViT default_cfg: crop_pct 0.9, bicubic, mean/std 0.5.
     return Preprocessing(
         image_size=image_size,
         resize_size=int(image_size / 0.9),
+        resize_mode="shorter_side",
         interpolation="bicubic",
         mean=[0.5] * in_chans,
         std=[0.5] * in_chans,
-        color_mode=color_mode,
+        color_mode=_color_mode(in_chans),
     )
 
 
@@ -510,11 +517,12 @@ def _served_at(preprocessing: Preprocessing, img_size: int) -> Preprocessing:
 
 
 def _labels(source: _Source, num_classes: int) -> list[str]:
+    id2label: Any
     if source.kind == "timm":
-        names = source.config.get("label_names") or source.config["pretrained_cfg"].get("label_names")  # type: ignore[union-attr]
-        id2label: object = dict(enumerate(names)) if names else {}
+        names = source.config.get("label_names") or source.config["pretrained_cfg"].get("label_names")
+        id2label = dict(enumerate(names)) if names else {}
     elif source.kind == "native":
-        id2label = dict(enumerate(source.config.get("labels", [])))  # type: ignore[arg-type]
+        id2label = dict(enumerate(source.config.get("labels", [])))
     else:
         id2label = source.config.get("id2label")
     if isinstance(id2label, Mapping) and len(id2label) == num_classes:
@@ -528,7 +536,7 @@ def import_checkpoint(
     base: ViTConfig | None = None,
     img_size: int | None = None,
     num_heads: int | None = None,
-    head: str | None = None,
+    head: Head | None = None,
     labels: list[str] | None = None,
 ) -> ImportedCheckpoint:
     """Read a file or a Hugging Face / timm model folder, detect its layout, build the model and load it strictly.
@@ -541,10 +549,10 @@ def import_checkpoint(
     layout = "native" if source.kind == "native" else detect_layout(raw)
     sd = CONVERTERS[layout](raw)
     refuse_unsupported(sd)
-    timm_args: Mapping[str, object] = (source.config.get("model_args") or {}) if source.kind == "timm" else {}  # type: ignore[assignment]
-    fields = infer_shapes(sd, no_embed_class=timm_args.get("no_embed_class"))  # type: ignore[arg-type]
+    timm_args: Json = (source.config.get("model_args") or {}) if source.kind == "timm" else {}
+    fields = infer_shapes(sd, no_embed_class=timm_args.get("no_embed_class"))
     # Shapes cannot tell the head count: the standard 64 dimensions per head, unless told.
-    fields["num_heads"] = timm_args.get("num_heads", max(1, int(fields["embed_dim"]) // 64))  # type: ignore[call-overload]
+    fields["num_heads"] = timm_args.get("num_heads", max(1, fields["embed_dim"] // 64))
     if base is not None:
         checked = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim")
         differing = {f: (fields[f], getattr(base, f)) for f in checked if fields[f] != getattr(base, f)}
@@ -552,7 +560,7 @@ def import_checkpoint(
             raise CheckpointError(f"checkpoint does not match the preset: {differing} (checkpoint, preset)")
         fields.update(num_heads=base.num_heads, layer_norm_eps=base.layer_norm_eps)
     if source.kind == "timm":
-        fields["head"] = _timm_head(source.config, str(fields["head"]))
+        fields["head"] = _timm_head(source.config, fields["head"])
     if layout == "hf":
         fields.update(_hf_overrides(source.config))
     if source.kind == "native":
@@ -563,20 +571,20 @@ def import_checkpoint(
         fields["num_heads"] = num_heads
 
     # The size the library's own pipeline feeds the model; the checkpoint's grid is resampled to it.
-    checkpoint_img, in_chans = int(fields["img_size"]), int(fields["in_chans"])  # type: ignore[call-overload]
+    checkpoint_img, in_chans = int(fields["img_size"]), int(fields["in_chans"])
     if source.kind == "native":
         preprocessing = _native_preprocessing(source.config, checkpoint_img, in_chans)
     elif source.kind == "hf":
         side = _side(source.config.get("image_size", checkpoint_img), "image_size")
         preprocessing = _hf_preprocessing(source.processor, side, in_chans)
     elif source.kind == "timm":
-        preprocessing = _timm_preprocessing(source.config["pretrained_cfg"], in_chans)  # type: ignore[arg-type]
+        preprocessing = _timm_preprocessing(source.config["pretrained_cfg"], in_chans)
     else:
         preprocessing = default_preprocessing(layout, img_size or checkpoint_img, in_chans)
     preprocessing = _served_at(preprocessing, img_size or preprocessing.image_size)
     fields["img_size"] = preprocessing.image_size
     try:
-        cfg = ViTConfig(**fields)  # type: ignore[arg-type]
+        cfg = ViTConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint does not describe a supported ViT: {exc}") from exc
     model = VisionTransformer(cfg)

@@ -12,7 +12,7 @@ import torch
 
 from model_export.checkpoints import CheckpointError, ImportedCheckpoint, default_preprocessing, import_checkpoint
 from model_export.manifest import Manifest, Source
-from model_export.onnx_export import DEFAULT_OPSET, ExportError, graph_description, write_artifact
+from model_export.onnx_export import DEFAULT_OPSET, ExportError, Precision, graph_description, write_artifact
 from model_export.vit import HEADS, PRESETS, VisionTransformer, preset
 
 
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> Manifest:
         source=Source(checkpoint=imported.source.name, layout=imported.layout, sha256=imported.sha256 or None),
         verification={},
     )
-    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    precision: Precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
     if args.gate and precision == "fp32":
         raise CheckpointError("--gate applies to --int8 or --fp16")
     return write_artifact(

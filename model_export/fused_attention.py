@@ -53,5 +53,6 @@ def with_fused_attention(model: VisionTransformer) -> VisionTransformer:
     """A copy of `model` whose blocks export as com.microsoft Attention; the original is untouched."""
     fused = copy.deepcopy(model)
     for block in fused.blocks:
+        assert isinstance(block.attn, Attention)
         block.attn = _FusedAttention(block.attn)
     return fused

@@ -98,7 +98,8 @@ class Manifest(BaseModel):
     )
     # The defaults describe the plain ViT, which every earlier export was.
     prefix_tokens: list[PrefixToken] = Field(
-        default_factory=lambda: ["class"], description="the kind of each row before the patches, in order"
+        default_factory=lambda: list[PrefixToken](["class"]),
+        description="the kind of each row before the patches, in order",
     )
     head: Head = Field(
         "token",

@@ -70,6 +70,9 @@ class _Graph(nn.Module):
     rows; out come the logits and the embedding, and with explain=True the [class] token's
     attention maps over the patches and its attention shares on the prefix rows."""
 
+    pixel_scale: torch.Tensor
+    pixel_shift: torch.Tensor
+
     def __init__(self, model: VisionTransformer, preprocessing: Preprocessing, explain: bool) -> None:
         super().__init__()
         self.model = model
@@ -204,11 +207,12 @@ def verify_onnx(
         pixels, tensors = random_inputs(model.cfg, batch, tensor_batch, generator)
         with torch.no_grad():
             x = torch.cat([normalise(pixels, preprocessing), tensors])
+            maps: tuple[torch.Tensor, ...] = ()
             if explain:
                 features, attentions = model.eval().forward_features_with_attention(x)
                 maps = class_token_attention(attentions, model.cfg.grid_size, model.num_prefix_tokens)
             else:
-                features, maps = model.eval().forward_features(x), ()
+                features = model.eval().forward_features(x)
             reference = [model.forward_head(features), model.embedding(features), *maps]
         expected = [t.numpy() for t in reference]
         actual = session.run(output_names(explain), {PIXELS_NAME: pixels.numpy(), PIXEL_VALUES_NAME: tensors.numpy()})

@@ -233,7 +233,8 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
         fan_in = self.patch_embed.in_channels * self.patch_embed.kernel_size[0] * self.patch_embed.kernel_size[1]
         _trunc_normal(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in))
-        nn.init.zeros_(self.patch_embed.bias)
+        if self.patch_embed.bias is not None:
+            nn.init.zeros_(self.patch_embed.bias)
         # A zero head makes every class equally likely at step 0, a calm start for fine-tuning too.
         for head in (self.head, self.head_dist):
             if head is not None:
@@ -263,7 +264,7 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x, weights = block(x, need_weights=True)
             attentions.append(weights)
-        return self.norm(x), attentions  # type: ignore[return-value]
+        return self.norm(x), attentions
 
     def patch_mean(self, features: torch.Tensor) -> torch.Tensor:
         """Mean of the patch rows only, (B, D): the prefix rows are not part of the image."""

@@ -114,6 +114,11 @@ def _build_timm_reg4_dinov2(tmp: Path) -> tuple[torch.nn.Module, Path]:
     )
 
 
+def _build_timm_dinov2(tmp: Path) -> tuple[torch.nn.Module, Path]:
+    # DINOv2 without registers: LayerScale, patch 14, a position row for the class token.
+    return _timm("vit_small_patch14_dinov2", 17, ".pth", tmp, img_size=42, embed_dim=128, num_heads=2, num_classes=3)
+
+
 def _build_timm_deit3(tmp: Path) -> tuple[torch.nn.Module, Path]:
     # DeiT III: LayerScale and no_embed_class, one class token, a token head; saved with torch.save.
     return _timm("deit3_small_patch16_224", 13, ".pth", tmp, img_size=64, embed_dim=128, num_heads=2, num_classes=6)
@@ -203,6 +208,7 @@ REGISTERS = ["register"] * 4
 LAYOUTS: dict[str, tuple[str, Callable[[Path], tuple[torch.nn.Module, Path]], list[str], str]] = {
     "timm-deit-distilled": ("timm", _build_timm_deit_distilled, ["class", "distillation"], "distilled"),
     "timm-reg4-dinov2": ("timm", _build_timm_reg4_dinov2, ["class", *REGISTERS], "token"),
+    "timm-dinov2": ("timm", _build_timm_dinov2, ["class"], "token"),
     "timm-deit3": ("timm", _build_timm_deit3, ["class"], "token"),
     "timm-reg4-gap": ("timm", _build_timm_reg4_gap, REGISTERS, "avg"),
     "timm-gap": ("timm", _build_timm_gap, [], "avg"),
