@@ -8,7 +8,7 @@ PORT ?= 8000
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test lint system-deps train-default export-default bench
+.PHONY: serve test lint system-deps train-default export-default bench bench-peers
 
 $(BIN)/vit-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,3 +76,26 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/vit-bench reproduce --out $(BENCH_OUT)
+
+# Run by hand, not in CI: the service beside LitServe, BentoML, Ray Serve, PyTriton (Triton) and
+# mosec serving the same graph with the same decode; JSON, Markdown, plot and logs in $(PEERS_OUT).
+# One venv holds all five at these pins (pip check is clean); PyTriton needs numpy < 2, so every
+# server there runs numpy 1.26. PEERS_EXTRA=gpu installs onnxruntime-gpu instead (then
+# PEERS_ARGS='--device cuda --model DIR'). The venv hides itself from git (its own .gitignore).
+PEERS_VENV ?= .venv-peers
+PEERS_OUT ?= bench-results/peers
+PEERS_EXTRA ?= cpu
+PEERS_ARGS ?=
+PEERS_PINS := litserve==0.2.19 bentoml==1.4.40 'ray[serve]==2.60.0' mosec==0.9.8 nvidia-pytriton==0.7.0
+
+$(PEERS_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(PEERS_VENV)
+	echo '*' > $(PEERS_VENV)/.gitignore
+	$(PEERS_VENV)/bin/pip install --quiet torch==2.13.0
+	$(PEERS_VENV)/bin/pip install --quiet -e '.[$(PEERS_EXTRA),bench]' $(PEERS_PINS)
+	$(PEERS_VENV)/bin/pip check
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	@test -d $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	$(PEERS_VENV)/bin/vit-bench peers --out $(PEERS_OUT) $(PEERS_ARGS)

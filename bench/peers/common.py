@@ -1,0 +1,163 @@
+"""The model code every peer server shares, so that the peers differ only in serving.
+
+Each peer wraps the same three steps: decode an upload with the service's own Decoder (same
+pixels), run the exported graph in an onnxruntime session laid out as the service lays its
+sessions (one single-thread session per worker; one per GPU), and answer the top-k predictions.
+Nothing here imports the service's batching or engine: batching is each framework's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+import onnxruntime as ort
+
+from model_export.manifest import Manifest
+from service.frontend.decode import Decoder
+from service.settings import Settings
+
+TOP_K = 5  # the service's default_top_k
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+BOUNDARY_LINE_END = b"\r\n"
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """What the bench tells a peer server when it starts it."""
+
+    model: Path  # exported model folder
+    device: str  # "cpu" or "cuda"
+    port: int  # loopback port to listen on
+    workers: int  # model workers (processes or instances), each with one session
+    max_batch_size: int  # the framework's batch limit
+
+
+def parse_serve_args(description: str, argv: list[str] | None = None) -> ServeArgs:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--max-batch-size", type=int, required=True)
+    args = parser.parse_args(argv)
+    return ServeArgs(args.model, args.device, args.port, args.workers, args.max_batch_size)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """Let SIGTERM (how the bench stops a server) unwind like Ctrl-C, so that the framework's own
+    shutdown runs (Ray's cluster, Triton's workspace) instead of the process just vanishing."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the OS's pick)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _session(onnx_path: Path, device: str) -> ort.InferenceSession:
+    """One session with the service's options: one intra-op and one inter-op thread on CPU."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = [CUDA, CPU] if device == "cuda" else [CPU]
+    session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+    if session.get_providers()[0] != providers[0]:
+        raise RuntimeError(f"onnxruntime runs on {session.get_providers()[0]}, not {providers[0]}")
+    return session
+
+
+def decoder_for(manifest: Manifest) -> Decoder:
+    """The service's decoder with the service's default pixel limit."""
+    return Decoder(manifest.preprocessing, Settings.model_fields["max_image_pixels"].default)
+
+
+def decode_all(decoder: Decoder, uploads: list[bytes]) -> np.ndarray:
+    """Uploads -> uint8 (N, H, W, C), each exactly as the service decodes it."""
+    pixels = np.empty((len(uploads), *decoder.shape), dtype=np.uint8)
+    for row, data in enumerate(uploads):
+        decoder.decode_into(data, pixels[row])
+    return pixels
+
+
+class OnnxClassifier:
+    """Decode, forward and top-k for one worker: one session, not thread-safe by design (one per worker)."""
+
+    def __init__(self, model_dir: Path, device: str) -> None:
+        self.manifest = Manifest.read(model_dir)
+        prep = self.manifest.preprocessing
+        self.decoder = decoder_for(self.manifest)
+        self.session = _session(model_dir / self.manifest.onnx_file, device)
+        self.on_cuda = device == "cuda"
+        self.no_tensors = np.empty((0, prep.channels, prep.image_size, prep.image_size), dtype=np.float32)
+        self.logits(np.zeros((1, *self.decoder.shape), dtype=np.uint8))  # warm-up
+
+    def decode_all(self, uploads: list[bytes]) -> np.ndarray:
+        return decode_all(self.decoder, uploads)
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, C) -> float32 (B, classes)."""
+        feeds = dict(zip(self.manifest.input_names, (pixels, self.no_tensors), strict=True))
+        logits_name = self.manifest.output_names[0]
+        if not self.on_cuda:
+            return self.session.run([logits_name], feeds)[0]  # type: ignore[no-any-return]
+        # As the service runs on CUDA: one copy in, the output allocated on the device, one copy out.
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(logits_name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]  # type: ignore[no-any-return]
+
+    def top_k(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, classes) logits -> class ids (B, k) and softmax scores (B, k), highest first."""
+        k = min(TOP_K, logits.shape[-1])
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+        ids = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+        return ids, np.take_along_axis(probabilities, ids, axis=-1)
+
+    def predictions(self, logits: np.ndarray) -> list[list[dict[str, object]]]:
+        """Per image, the service's prediction objects: label, class_id, score."""
+        ids, scores = self.top_k(logits)
+        labels = self.manifest.labels
+        return [
+            [{"label": labels[i], "class_id": int(i), "score": float(s)} for i, s in zip(row, row_scores, strict=True)]
+            for row, row_scores in zip(ids, scores, strict=True)
+        ]
+
+    def classify(self, pixels: np.ndarray) -> list[list[dict[str, object]]]:
+        return self.predictions(self.logits(pixels))
+
+
+def results(predictions: list[list[dict[str, object]]]) -> dict[str, object]:
+    """The service's response body for one request's images."""
+    return {"results": [{"predictions": p} for p in predictions]}
+
+
+def multipart_files(body: bytes) -> list[bytes]:
+    """The contents of every part of a multipart/form-data body, for frameworks that hand over the
+    raw body without its headers: the boundary is the body's first line. Part headers are skipped;
+    every part is taken as one upload."""
+    delimiter = body[: body.index(BOUNDARY_LINE_END)]  # b"--" + boundary
+    # Every part but the first follows a CRLF + delimiter; what follows the last one is "--" (the close).
+    chunks = body.split(BOUNDARY_LINE_END + delimiter)
+    chunks[0] = chunks[0][len(delimiter) :]
+    files = []
+    for chunk in chunks[:-1]:
+        part = chunk[len(BOUNDARY_LINE_END) :]  # the CRLF that ends the delimiter line
+        files.append(part[part.index(b"\r\n\r\n") + 4 :])  # after the part's headers
+    return files

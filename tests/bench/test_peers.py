@@ -1,0 +1,141 @@
+"""vit-bench peers' own logic on fake results: the gate, the ratios, the report's shape, and the
+helpers that talk to a server. The peers themselves are too heavy for CI (make bench-peers)."""
+
+import json
+import socket
+import threading
+
+import pytest
+
+from bench.load import multipart_upload
+from bench.peers import NAMES, results_top1
+from bench.peers.common import multipart_files
+from bench.peers.report import Gate, Level, PeersResult, System, check_gate, plot
+from bench.peers.run import PeerError, exchange, gate_then_time
+
+
+def _level(system: str, concurrency: int, images_per_s: float, p99_ms: float = 50.0) -> Level:
+    return Level(system, concurrency, images_per_s, p99_ms / 2, p99_ms, 0, int(images_per_s * 2), 0.5)
+
+
+def _result() -> PeersResult:
+    result = PeersResult(
+        model="fashion-mnist-vit",
+        variant="fp32",
+        device="cpu",
+        machine={"cpu": "Some CPU", "cores": 2, "kernel_flags": ["avx2"], "gpu": None},
+        onnxruntime="1.0",
+        upload="248x248 JPEG (20000 bytes)",
+        images_per_request=1,
+        limit_images_per_s=1000.0,
+        limit_layout="2 session(s) x 1 thread, batch 1",
+    )
+    result.systems = [
+        System("service", "0.1.0", "its defaults"),
+        System("litserve", "1.0", "2 workers", Gate("litserve", 100, 0)),
+        System("mosec", "2.0", "2 + 2 processes", Gate("mosec", 100, 0)),
+        System("bentoml", "3.0", "2 workers", Gate("bentoml", 100, 7)),
+        System("rayserve", "-", "-", note="not installed here: make bench-peers"),
+    ]
+    result.levels = [
+        _level("service", 4, 300.0, 20.0),
+        _level("service", 16, 400.0, 60.0),
+        _level("service", 64, 420.0, 200.0),
+        _level("litserve", 4, 150.0, 40.0),
+        _level("litserve", 16, 500.0, 50.0),
+        _level("mosec", 4, 200.0, 30.0),
+        _level("mosec", 16, 100.0, 90.0),
+    ]
+    return result
+
+
+def test_the_gate_refuses_a_peer_whose_top1_differs_or_is_missing():
+    reference = [3, 1, 4, 1, 5]
+    assert check_gate("p", reference, [3, 1, 4, 1, 5]).passed
+    wrong = check_gate("p", reference, [3, 1, 4, 2, 5])
+    assert not wrong.passed and wrong.mismatches == 1
+    assert wrong.verdict == "wrong: 1 of 5 top-1 differ from the service's"
+    short = check_gate("p", reference, [3, 1, 4])
+    assert not short.passed and short.mismatches == 2
+    broken = Gate("p", 5, 5, error="answered 500")
+    assert not broken.passed and broken.verdict == "failed: answered 500"
+
+
+def test_a_peer_that_fails_the_gate_is_never_timed():
+    def must_not_run() -> list[Level]:
+        raise AssertionError("a wrong peer was timed")
+
+    assert gate_then_time(check_gate("p", [1, 2], [1, 3]), must_not_run) == []
+    assert gate_then_time(Gate("p", 2, 2, error="did not start"), must_not_run) == []
+    timed = [_level("p", 4, 10.0)]
+    assert gate_then_time(check_gate("p", [1, 2], [1, 2]), lambda: timed) == timed
+
+
+def test_ratios_compare_the_service_with_the_best_peer_at_each_level():
+    ratios = _result().ratios()
+    # c=64: no peer has figures there, so no ratio; bentoml failed its gate and has none anywhere.
+    assert [row["concurrency"] for row in ratios] == [4, 16]
+    at4, at16 = ratios
+    assert at4["best_peer"] == "mosec" and at4["service_over_best_peer"] == pytest.approx(300 / 200)
+    assert at16["best_peer"] == "litserve" and at16["service_over_best_peer"] == pytest.approx(400 / 500)
+    assert (at16["service_p99_ms"], at16["best_peer_p99_ms"]) == (60.0, 50.0)
+
+
+def test_the_json_and_the_markdown_name_every_server_level_and_ratio(tmp_path):
+    result = _result()
+    data = json.loads(json.dumps(result.to_dict()))
+    assert [s["name"] for s in data["systems"]] == ["service", "litserve", "mosec", "bentoml", "rayserve"]
+    assert [s["gate_passed"] for s in data["systems"]] == [None, True, True, False, None]
+    assert len(data["levels"]) == 7 and data["levels"][0]["cpu_ms_per_request"] == pytest.approx(1000 * 0.5 / 600)
+    assert data["ratios"][1]["service_over_best_peer"] == pytest.approx(0.8)
+    table = result.markdown()
+    assert "| bentoml | 3.0 | 2 workers | wrong: 7 of 100 top-1 differ from the service's |" in table
+    assert "| rayserve | - | - | not installed here: make bench-peers |" in table
+    assert "| litserve | 16 | 500.0 | 25.0 | 50.0 | 0 | 0.50 |" in table
+    assert "| 16 | 400.0 | litserve | 500.0 | 0.80x | 60.0 / 50.0 |" in table
+    assert "| bentoml | 4 |" not in table  # never timed
+    plot(result, tmp_path / "peers.png")
+    assert (tmp_path / "peers.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_every_peer_has_a_name_and_the_service_response_parses():
+    assert NAMES == ["litserve", "bentoml", "rayserve", "pytriton", "mosec"]
+    body = json.dumps({"results": [{"predictions": [{"class_id": 7, "label": "x", "score": 0.9}]}] * 2}).encode()
+    assert results_top1(body) == [7, 7]
+
+
+def test_multipart_bodies_split_back_into_their_uploads():
+    images = [b"\xff\xd8\xff first", b"\x89PNG\r\n\x1a\n\r\n\r\nsecond with blank lines", b""]
+    request = multipart_upload("http://127.0.0.1:1", "/classify", images)
+    body = request.split(b"\r\n\r\n", 1)[1]
+    assert multipart_files(body) == images
+
+
+def _serve_once(answers: list[bytes]) -> int:
+    """A loopback server that reads each request head and sends the next canned answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        connection, _ = listener.accept()
+        with connection, listener:
+            for answer in answers:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    threading.Thread(target=run, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def test_exchange_reads_answers_by_content_length_on_one_connection():
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+    refused = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\n\r\n"
+    port = _serve_once([ok, refused])
+    answers = exchange(f"http://127.0.0.1:{port}", [b"GET / HTTP/1.1\r\n\r\n"] * 2, timeout_s=5)
+    assert answers == [(200, b"hello"), (429, b"")]
+
+
+def test_exchange_refuses_an_answer_the_load_generator_could_not_time():
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    port = _serve_once([chunked])
+    with pytest.raises(PeerError, match="without Content-Length"):
+        exchange(f"http://127.0.0.1:{port}", [b"GET / HTTP/1.1\r\n\r\n"], timeout_s=5)
