@@ -275,7 +275,7 @@ def run_peers(
     }
     if device == "cuda":
         settings["max_batch_size"] = max_batch
-    with run_server(model_dir, None, **settings) as server:
+    with run_server(model_dir, **settings) as server:
         tree = process_tree(server.process.pid)
         try:
             service = Peer(SERVICE, "vit-serve", "service.cli", multipart_request, results_top1, lambda *_: "")
