@@ -75,6 +75,9 @@ def test_http_answer_for_real_photos_matches_the_librarys_pipeline(family, photo
         response = client.post(f"/classify?top_k={num_classes}", files=files)
         assert response.status_code == 200, response.text
         results = response.json()["results"]
+        if "class" not in member.prefix_tokens:  # no class token, no explain graph: refused, not guessed
+            refused = client.post("/classify?explain=true", files=files[:1])
+            assert refused.status_code == 422 and refused.json()["error_type"] == "invalid_parameter", refused.text
         assert server.stop() == 0, server.log
     library = _library_pipeline(member)
     for (photo, data), result in zip(photos.items(), results, strict=True):
