@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -143,6 +144,49 @@ def variants_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def peers_command(args: argparse.Namespace) -> int:
+    """The service beside LitServe, BentoML, Ray Serve, PyTriton and mosec serving the same graph."""
+    from bench.peers import NAMES
+    from bench.peers.report import plot
+    from bench.peers.run import Uploads, fashion_mnist_gate, run_peers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    only = [name for name in args.only.split(",") if name] if args.only else None
+    unknown = sorted(set(only or []) - set(NAMES))
+    if unknown:
+        print(f"unknown peer(s) {unknown}; the peers are {', '.join(NAMES)}")
+        return 2
+    if args.model.resolve() == DEFAULT_MODEL_DIR.resolve():
+        gate = fashion_mnist_gate()
+    else:  # real photos at the model's resize size: top-1 must match the service's, whatever it is
+        side = Manifest.read(args.model).preprocessing.resize_size
+        photos = ("astronaut", "coffee", "chelsea", "rocket")
+        gate = Uploads([_photo_jpeg(name, (side, side)) for name in photos], "image/jpeg")
+    image = _photo_jpeg("astronaut", (args.upload_side, args.upload_side))
+    words = f"{args.upload_side}x{args.upload_side} JPEG ({len(image)} bytes)"
+    result = run_peers(
+        args.model,
+        args.device,
+        _levels(args.concurrency),
+        args.seconds,
+        image,
+        words,
+        gate,
+        args.images_per_request,
+        only,
+        args.out / "logs",
+    )
+    table = result.markdown()
+    print(table)
+    name = f"peers-{result.model}-{result.device}"
+    (args.out / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(table)
+    plot(result, args.out / f"{name}.png")
+    print(f"wrote {args.out / name}.json, .md and .png; each server's log in {args.out / 'logs'}")
+    failed = [s.name for s in result.systems if s.gate is not None and not s.gate.passed]
+    return 1 if failed else 0
+
+
 def preprocess_command(args: argparse.Namespace) -> int:
     """One core, as each decode thread uses one."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -212,6 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     again.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
     again.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for models, JSON, PNG, summary")
     again.set_defaults(run=reproduce_command)
+    peers = commands.add_parser(
+        "peers", help="the service beside LitServe, BentoML, Ray Serve, PyTriton and mosec on the same graph"
+    )
+    peers.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder")
+    peers.add_argument("--device", **DEVICE_OPTION)
+    peers.add_argument("--concurrency", default="4,16,64", help="comma-separated client counts")
+    peers.add_argument("--images-per-request", type=int, default=1, help="images in each request, for every server")
+    peers.add_argument("--seconds", type=float, default=5.0, help="seconds of each timed window")
+    peers.add_argument("--only", help="comma-separated peers to run beside the service (default: all)")
+    peers.add_argument("--upload-side", type=int, default=248, help="side of the square uploaded JPEG")
+    peers.add_argument(
+        "--out", type=Path, default=Path("bench-results/peers"), help="folder for JSON, Markdown, PNG and logs"
+    )
+    peers.set_defaults(run=peers_command)
     prep = commands.add_parser("preprocess", help="decode and resize timings on one core")
     prep.set_defaults(run=preprocess_command)
     cost = commands.add_parser("explain-cost", help="latency of explain=true vs plain requests")
