@@ -29,6 +29,7 @@ import os
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ class RingLayout:
     def nbytes(self) -> int:
         return self._regions()[3]
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "partitions": self.partitions,
             "image_slots": self.image_slots,
@@ -116,14 +117,14 @@ class RingLayout:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> RingLayout:
-        shape = tuple(data["pixel_shape"])  # type: ignore[call-overload]
+    def from_dict(cls, data: dict[str, Any]) -> RingLayout:
+        height, width, channels = data["pixel_shape"]
         return cls(
-            int(data["partitions"]),  # type: ignore[call-overload]
-            int(data["image_slots"]),  # type: ignore[call-overload]
-            int(data["tensor_slots"]),  # type: ignore[call-overload]
-            shape,  # type: ignore[arg-type]
-            int(data["row_floats"]),  # type: ignore[call-overload]
+            int(data["partitions"]),
+            int(data["image_slots"]),
+            int(data["tensor_slots"]),
+            (int(height), int(width), int(channels)),
+            int(data["row_floats"]),
         )
 
 
@@ -218,7 +219,8 @@ def kind_of(message: bytes) -> Kind:
 
 
 def parse_hello(message: bytes) -> int:
-    return _HEAD.unpack_from(message)[2]  # type: ignore[no-any-return]
+    partition: int = _HEAD.unpack_from(message)[2]
+    return partition
 
 
 def parse_welcome(message: bytes) -> bytes:

@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from service.boot import Boot
 from service.errors import StartupError
@@ -208,7 +209,7 @@ class Supervisor:
             elif signals:
                 self._drain()
             return
-        event, child = data  # type: ignore[misc]
+        event, child = cast(tuple[str, Child], data)
         if event == "status":
             self._read_status(child)
         else:

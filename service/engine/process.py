@@ -18,6 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -258,7 +259,7 @@ class Engine:
 def _load(settings: Settings, manifest: Manifest, ring: Ring, metrics: EngineMetrics) -> dict[Graph, GraphRunner]:
     """Load each graph, check its provider, warm every session at every batch size it may run."""
     folder = settings.model_dir
-    graphs = {Graph.PLAIN: (folder / manifest.onnx_file, None)}
+    graphs: dict[Graph, tuple[Path, int | None]] = {Graph.PLAIN: (folder / manifest.onnx_file, None)}
     if manifest.explain_onnx_file:
         # One session: explain requests are the exception, and must not take cores from the rest.
         graphs[Graph.EXPLAIN] = (folder / manifest.explain_onnx_file, 1)

@@ -117,7 +117,7 @@ class OnnxBackend:
     def _run(self, session: ort.InferenceSession, pixels: np.ndarray, tensors: np.ndarray) -> list[np.ndarray]:
         feeds = dict(zip(self.manifest.input_names, (pixels, tensors), strict=True))
         if not self.on_cuda:
-            return session.run(self.output_names, feeds)  # type: ignore[no-any-return]
+            return session.run(self.output_names, feeds)
         # IO binding: one host-to-device copy in (uint8 pixels: a quarter of float32's bytes), the
         # outputs allocated on the device and copied back once, instead of run()'s staging copies.
         binding = session.io_binding()
@@ -126,7 +126,7 @@ class OnnxBackend:
         for name in self.output_names:
             binding.bind_output(name, "cuda")
         session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()  # type: ignore[no-any-return]
+        return binding.copy_outputs_to_cpu()
 
     def warm_up(self, batch_sizes: list[int], pixel_shape: tuple[int, int, int]) -> list[tuple[str, tuple[int, ...]]]:
         """A real forward pass at each batch size on every session; returns each output's name and

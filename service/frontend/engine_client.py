@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -360,10 +361,12 @@ class EngineClient:
         except asyncio.CancelledError:
             await everything
             raise
+        seconds = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        return max(outcomes, default=0.0)
+            seconds.append(outcome)
+        return max(seconds, default=0.0)
 
     def _decode(self, upload: Upload, slot: int) -> float:
         started = time.perf_counter()
@@ -378,13 +381,14 @@ class EngineClient:
 
     async def _wait(self, request: _Request, gone: Callable[[], Awaitable[object]] | None) -> None:
         remaining = request.deadline - time.monotonic()
-        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        watcher: asyncio.Future[Any] | None = asyncio.ensure_future(gone()) if gone is not None else None
         try:
             async with asyncio.timeout(max(0.0, remaining)):
                 if watcher is None:
                     await request.outcome
                     return
-                await asyncio.wait({request.outcome, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: list[asyncio.Future[Any]] = [request.outcome, watcher]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if not request.outcome.done():
                     self.metrics.rejections.labels(reason="client_disconnected").inc()
                     raise ClientDisconnected("the client closed the connection before its answer")

@@ -12,6 +12,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class InferRequest:
     tensor: np.ndarray | None = None  # (N, C, H, W) float32
 
 
-def _parse_header(body: bytes, header_length: str | None, limits: BodyLimits) -> tuple[dict, bytes]:  # type: ignore[type-arg]
+def _parse_header(body: bytes, header_length: str | None, limits: BodyLimits) -> tuple[dict, bytes]:
     try:
         size = int(header_length) if header_length is not None else len(body)
     except ValueError:
@@ -70,14 +71,14 @@ def _split_bytes(raw: bytes, count: int) -> list[bytes]:
     return elements
 
 
-def _parameters(spec: dict, where: str) -> dict:  # type: ignore[type-arg]
+def _parameters(spec: dict, where: str) -> dict:
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest(f"{where} parameters must be a JSON object")
     return parameters
 
 
-def _requested_outputs(header: dict) -> list[RequestedOutput]:  # type: ignore[type-arg]
+def _requested_outputs(header: dict) -> list[RequestedOutput]:
     binary_default = bool(_parameters(header, "request").get("binary_data_output", False))
     outputs = header.get("outputs")
     if outputs is None:  # as Triton does: every output when none is named
@@ -152,7 +153,7 @@ def _parse(
     return request
 
 
-def _request_id(header: dict) -> str | None:  # type: ignore[type-arg]
+def _request_id(header: dict) -> str | None:
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("the request id must be a string")
@@ -192,6 +193,7 @@ def encode_infer_response(
     values: each output's (N, ...) float32 array, by name."""
     outputs: list[dict[str, object]] = []
     raws: list[bytes] = []
+    json_data: list[Any]
     for wanted in request.outputs:
         array = values[wanted.name]
         if wanted.classification:

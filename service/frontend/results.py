@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,7 @@ class Classification:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +73,7 @@ def embeddings(rows: list[dict[str, np.ndarray]], normalize: bool) -> np.ndarray
     return vectors
 
 
-def attention(rows: dict[str, np.ndarray], pixels: np.ndarray, prefix_tokens: list[str]) -> Attention:
+def attention(rows: dict[str, np.ndarray], pixels: np.ndarray, prefix_tokens: Sequence[str]) -> Attention:
     rollout = rows[ROLLOUT_ATTENTION_NAME]
     per_token = rows[PREFIX_ATTENTION_NAME]
     shares: dict[str, float] = {}

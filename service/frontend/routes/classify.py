@@ -31,7 +31,7 @@ def timing_headers(answer: Answer) -> dict[str, str]:
     "/classify",
     response_model=ClassifyResponse,
     response_model_exclude_none=True,
-    responses=ERROR_RESPONSES,  # type: ignore[arg-type]
+    responses=ERROR_RESPONSES,
     openapi_extra={"requestBody": OPENAPI_REQUEST_BODY},
     summary="Classify one or more images",
     description="Send images as repeatable multipart `file` parts, as a raw image body, or as JSON base64. "

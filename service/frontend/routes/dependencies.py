@@ -35,7 +35,7 @@ class Frontend:
 
 
 async def get_frontend(request: Request) -> Frontend:
-    return request.app.state.frontend  # type: ignore[no-any-return]
+    return request.app.state.frontend
 
 
 async def request_deadline(

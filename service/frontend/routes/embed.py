@@ -21,7 +21,7 @@ router = APIRouter(tags=["embed"], dependencies=[Depends(require_api_key)])
 @router.post(
     "/embed",
     response_model=EmbedResponse,
-    responses=ERROR_RESPONSES,  # type: ignore[arg-type]
+    responses=ERROR_RESPONSES,
     openapi_extra={"requestBody": OPENAPI_REQUEST_BODY},
     summary="Embed one or more images",
     description="The same inputs, limits and batching as /classify. Returns each image's final [class]-token "

@@ -11,7 +11,9 @@ from service.frontend.routes.dependencies import Frontend, get_frontend
 from service.frontend.schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
-_NOT_READY = {503: {"model": HealthResponse, "description": "not ready (starting or draining), with the reason"}}
+_NOT_READY: dict[int | str, dict[str, object]] = {
+    503: {"model": HealthResponse, "description": "not ready (starting or draining), with the reason"}
+}
 
 
 def _provider(frontend: Frontend) -> str | None:

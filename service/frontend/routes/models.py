@@ -26,7 +26,7 @@ def model_info(frontend: Frontend) -> ModelInfo:
         head=manifest.head,
         embedding=manifest.embedding,
         variant=manifest.variant,
-        variant_gate=manifest.verification.get("variant_gate"),  # type: ignore[arg-type]
+        variant_gate=manifest.verification.get("variant_gate"),
         provider=info.provider,
         requested_providers=info.requested_providers,
         outputs={name: list(shape) for name, shape in info.rows["plain"]},
@@ -43,6 +43,6 @@ def model_info(frontend: Frontend) -> ModelInfo:
     )
 
 
-@router.get("/v1/models", response_model=ModelList, summary="The served model", responses=NOT_READY)  # type: ignore[arg-type]
+@router.get("/v1/models", response_model=ModelList, summary="The served model", responses=NOT_READY)
 async def list_models(frontend: Annotated[Frontend, Depends(get_frontend)]) -> ModelList:
     return ModelList(models=[model_info(frontend)])

@@ -40,7 +40,7 @@ async def server_metadata(request: Request) -> dict[str, object]:
     return {"name": SERVER_NAME, "version": request.app.version, "extensions": ["binary_tensor_data", "classification"]}
 
 
-@router.get("/models/{name}", summary="Model metadata", responses=MODEL_NOT_FOUND)  # type: ignore[arg-type]
+@router.get("/models/{name}", summary="Model metadata", responses=MODEL_NOT_FOUND)
 async def model_metadata(name: str, frontend: Annotated[Frontend, Depends(get_frontend)]) -> dict[str, object]:
     manifest, engine = frontend.manifest, frontend.engine
     _check_name(name, manifest)
@@ -63,7 +63,7 @@ async def model_metadata(name: str, frontend: Annotated[Frontend, Depends(get_fr
 @router.get(
     "/models/{name}/ready",
     summary="Model readiness (200 ready, 503 not)",
-    responses={**MODEL_NOT_FOUND, 503: {"description": "not ready"}},  # type: ignore[dict-item]
+    responses={**MODEL_NOT_FOUND, 503: {"description": "not ready"}},
 )
 async def model_ready(name: str, frontend: Annotated[Frontend, Depends(get_frontend)]) -> JSONResponse:
     _check_name(name, frontend.manifest)
@@ -74,7 +74,7 @@ async def model_ready(name: str, frontend: Annotated[Frontend, Depends(get_front
 @router.post(
     "/models/{name}/infer",
     dependencies=[Depends(require_api_key)],
-    responses={**ERROR_RESPONSES, **MODEL_NOT_FOUND},  # type: ignore[dict-item]
+    responses={**ERROR_RESPONSES, **MODEL_NOT_FOUND},
     summary="Inference: encoded images (BYTES) or preprocessed tensors (FP32)",
     openapi_extra={
         "requestBody": {
