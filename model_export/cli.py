@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> Manifest:
         name=args.name or args.out.resolve().name,
         labels=imported.labels,
         preprocessing=imported.preprocessing,
-        **graph_description(cfg),  # type: ignore[arg-type]
+        **graph_description(cfg),
         opset=args.opset,
         config=cfg.to_dict(),
         source=Source(checkpoint=imported.source.name, layout=imported.layout, sha256=imported.sha256 or None),

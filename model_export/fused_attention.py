@@ -21,14 +21,14 @@ CONTRIB_DOMAIN = "com.microsoft"
 
 class _ContribAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_heads):  # type: ignore[no-untyped-def]
+    def forward(ctx, x, weight, bias, num_heads):
         # The eager maths of Attention.forward, so that tracing sees the true values and shapes.
         b, n, d = x.shape
         qkv = (x @ weight + bias).reshape(b, n, 3, num_heads, d // num_heads).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(b, n, d)
 
     @staticmethod
-    def symbolic(g, x, weight, bias, num_heads):  # type: ignore[no-untyped-def]
+    def symbolic(g, x, weight, bias, num_heads):
         out = g.op(f"{CONTRIB_DOMAIN}::Attention", x, weight, bias, num_heads_i=num_heads)
         out.setType(x.type())  # the operator keeps the input's (B, N, D) shape
         return out
