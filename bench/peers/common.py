@@ -113,14 +113,14 @@ class OnnxClassifier:
         feeds = dict(zip(self.manifest.input_names, (pixels, self.no_tensors), strict=True))
         logits_name = self.manifest.output_names[0]
         if not self.on_cuda:
-            return self.session.run([logits_name], feeds)[0]  # type: ignore[no-any-return]
+            return self.session.run([logits_name], feeds)[0]
         # As the service runs on CUDA: one copy in, the output allocated on the device, one copy out.
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         binding.bind_output(logits_name, "cuda")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]  # type: ignore[no-any-return]
+        return binding.copy_outputs_to_cpu()[0]
 
     def top_k(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, classes) logits -> class ids (B, k) and softmax scores (B, k), highest first."""

@@ -32,8 +32,8 @@ BATCH_WAIT_S = 0.01  # @serve.batch's default
 class ViTDeployment:
     def __init__(self, model_dir: Path, device: str, max_batch_size: int) -> None:
         self.model = OnnxClassifier(model_dir, device)
-        # @serve.batch's own setter, which its type does not show
-        self.classify_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        # @serve.batch's own setter, which its type does not show (where ray is installed)
+        self.classify_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined,unused-ignore]
 
     @serve.batch(batch_wait_timeout_s=BATCH_WAIT_S)
     async def classify_batch(self, images: list[np.ndarray]) -> list[list[dict[str, object]]]:
