@@ -467,6 +467,7 @@ def _timm_preprocessing(pretrained_cfg: Json, in_chans: int) -> Preprocessing:
         image_size=height,
         resize_size=math.floor(height / crop_pct),  # timm: scale_size = floor(img_size / crop_pct)
         resize_mode=modes[crop_mode],
+        crop_rounding="half_even",  # timm's CenterCrop is torchvision's
         interpolation=cast(Interpolation, interpolation),
         mean=list(pretrained_cfg.get("mean", TIMM_DEFAULT_MEAN)),
         std=list(pretrained_cfg.get("std", TIMM_DEFAULT_STD)),
@@ -491,6 +492,7 @@ def default_preprocessing(layout: str, image_size: int, in_chans: int) -> Prepro
             image_size=image_size,
             resize_size=round(image_size * 256 / 224),
             resize_mode="shorter_side",
+            crop_rounding="half_even",
             interpolation="bilinear",
             mean=[0.485, 0.456, 0.406][:in_chans],
             std=[0.229, 0.224, 0.225][:in_chans],
@@ -501,6 +503,7 @@ def default_preprocessing(layout: str, image_size: int, in_chans: int) -> Prepro
         image_size=image_size,
         resize_size=int(image_size / 0.9),
         resize_mode="shorter_side",
+        crop_rounding="half_even",
         interpolation="bicubic",
         mean=[0.5] * in_chans,
         std=[0.5] * in_chans,

@@ -56,6 +56,9 @@ class Preprocessing(BaseModel):
         "shorter_side", description="shorter_side: keep aspect then centre-crop; squash: resize to a square"
     )
     crop: Literal["center"] = "center"
+    # Where an odd margin puts the centre crop: Hugging Face floors half of it; torchvision and
+    # timm round it, half to even (Python's round). A pixel apart, but a pixel is a pixel.
+    crop_rounding: Literal["floor", "half_even"] = "floor"
     interpolation: Interpolation = "bicubic"
     mean: list[float]
     std: list[float]

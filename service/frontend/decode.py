@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import simplejpeg
@@ -48,6 +49,13 @@ _UPRIGHT = {
     6: lambda a: np.rot90(a, -1),
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
     8: lambda a: np.rot90(a),
+}
+
+
+# The centre crop's offset from its margin, as each library rounds an odd one.
+_CROP_OFFSET: dict[str, Callable[[int], int]] = {
+    "floor": lambda margin: margin // 2,
+    "half_even": lambda margin: round(margin / 2),
 }
 
 
@@ -209,14 +217,20 @@ class Decoder:
     def _geometry(
         self, width: int, height: int
     ) -> tuple[tuple[float, float], tuple[int, int, int, int], tuple[float, float, float, float]]:
-        """The resize scale (x, y), the centre crop in resized pixels, and that crop in source pixels."""
-        prep = self.prep
+        """The resize scale (x, y), the centre crop in resized pixels, and that crop in source pixels.
+
+        As torchvision, timm and Hugging Face size it: the shorter side becomes resize_size, the
+        longer one int(resize_size * long / short) (truncated), each axis scaled by its own ratio."""
+        prep, size = self.prep, self.prep.resize_size
         if prep.resize_mode == "squash":
-            scale_x, scale_y = prep.resize_size / width, prep.resize_size / height
+            resized = (size, size)
+        elif width <= height:
+            resized = (size, int(size * height / width))
         else:
-            scale_x = scale_y = prep.resize_size / min(width, height)
-        left = (round(width * scale_x) - prep.image_size) // 2
-        top = (round(height * scale_y) - prep.image_size) // 2
+            resized = (int(size * width / height), size)
+        scale_x, scale_y = resized[0] / width, resized[1] / height
+        offset = _CROP_OFFSET[prep.crop_rounding]
+        left, top = offset(resized[0] - prep.image_size), offset(resized[1] - prep.image_size)
         crop = (left, top, left + prep.image_size, top + prep.image_size)
         box = (crop[0] / scale_x, crop[1] / scale_y, crop[2] / scale_x, crop[3] / scale_y)
         return (scale_x, scale_y), crop, box

@@ -323,7 +323,10 @@ class EngineClient:
         (naming its part), 429/503 at admission, 504 past the deadline, 499 when the client left."""
         graph = Graph.EXPLAIN if explain else Graph.PLAIN
         if self.info is not None and not self.info.has(graph):
-            raise InvalidParameter("explain=true needs model_explain.onnx: export the model without --no-explain")
+            raise InvalidParameter(
+                "explain=true needs the explain graph (model_explain.onnx), which a model without a [class] "
+                "token, or one exported with --no-explain, does not have"
+            )
         uploads = [item for item in inputs if isinstance(item, Upload)]
         tensors = [item for item in inputs if not isinstance(item, Upload)]
         reserved = self._reserve(len(uploads), len(tensors))

@@ -1,18 +1,51 @@
-"""uvicorn's httptools protocol, answering a request it cannot parse in the service's JSON error shape.
+"""uvicorn's httptools protocol, with two changes.
 
-Malformed HTTP (two different Content-Lengths, Content-Length beside Transfer-Encoding, a bad
-chunk) never reaches the app: the parser refuses it first. uvicorn's own answer to that is a
-plain-text 400; this one is `{"error": ..., "error_type": "bad_request"}` like every other error.
+- A request it cannot parse (two different Content-Lengths, Content-Length beside
+  Transfer-Encoding, a bad chunk) never reaches the app; uvicorn's own answer is a plain-text
+  400, this one is `{"error": ..., "error_type": "bad_request"}` like every other error.
+- A response's head and body leave in one write. uvicorn writes them as they come, two sends
+  and two TCP segments per response; here the head waits for the rest of the same loop turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-class JsonErrorHttpProtocol(HttpToolsProtocol):
+class _CoalescingTransport:
+    """Collects the writes of one loop turn and sends them as one; everything else is the transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending and not self._transport.is_closing():
+            self._transport.write(b"".join(self._pending))
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
     def send_400_response(self, msg: str) -> None:
         body = json.dumps({"error": f"malformed HTTP request: {msg}", "error_type": "bad_request"}).encode()
         head = [b"HTTP/1.1 400 Bad Request\r\n"]

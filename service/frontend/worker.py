@@ -20,7 +20,7 @@ from service.boot import read_boot, report
 from service.frontend.app import create_app
 from service.frontend.decode import Decoder
 from service.frontend.engine_client import EngineClient, EngineInfo
-from service.frontend.http_protocol import JsonErrorHttpProtocol
+from service.frontend.http_protocol import HttpProtocol
 from service.lifecycle import Lifecycle
 from service.logs import configure_logging
 from service.metrics import FrontendMetrics
@@ -88,7 +88,7 @@ def main() -> int:
     app = create_app(settings, manifest, engine, metrics, boot.metrics_dir, ready)
     config = uvicorn.Config(
         app,
-        http=JsonErrorHttpProtocol,
+        http=HttpProtocol,
         log_level=settings.log_level,
         log_config=None,  # keep our handlers: uvicorn's own would replace them
         proxy_headers=True,

@@ -126,8 +126,8 @@ def _build_timm_deit3(tmp: Path) -> tuple[torch.nn.Module, Path]:
 
 def _build_timm_reg4_gap(tmp: Path) -> tuple[torch.nn.Module, Path]:
     # No class token: 4 registers, global average pooling with fc_norm, LayerScale. timm's own
-    # crop_pct for it (0.95) leaves an odd margin that the service crops differently (see the report).
-    data_config = {"input_size": (3, 224, 224), "crop_pct": 0.9}
+    # crop_pct for it, 0.95, resizes to 235 and leaves an odd margin of 11 around the 224 crop.
+    data_config = {"input_size": (3, 224, 224), "crop_pct": 0.95}
     return _timm(
         "vit_medium_patch16_reg4_gap_256",
         14,

@@ -26,11 +26,9 @@ from tests.model_export.families import Member
 # Probabilities may differ by this much: the libraries resize with their own code (torchvision's
 # tensor kernels for transformers, Pillow for timm), the service with Pillow, a grey level apart at most.
 PROBABILITY_TOLERANCE = 1e-3
-# scikit-image's sample photos: 512x512 and 400x600, whose resized sides land on whole pixels at
-# every size used here. For photos whose do not (chelsea 300x451, rocket 427x640) the service
-# resizes a pixel apart from torchvision and transformers today (it rounds the long side where
-# they truncate, and scales both axes alike), 2e-3 to 8e-3 apart in probability.
-PHOTOS = ("astronaut", "coffee")
+# scikit-image's sample photos, square and not: 512x512, 400x600, 300x451 and 427x640, so the
+# truncated long side and the rounding of an odd crop margin are both exercised.
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 PARITY_LAYOUTS = ["timm-deit-distilled", "timm-reg4-gap", "hf-deit-teacher", "hf-dinov2-registers"]
 
 

@@ -46,9 +46,9 @@ def test_the_ring_is_an_anonymous_memfd_that_every_process_maps(samples, shm_bef
         assert set(named) == {"engine", "frontend-0", "frontend-1"}
         for pid in named.values():
             assert "memfd:vit-serve-ring" in Path(f"/proc/{pid}/maps").read_text()
-        assert set(SHM.iterdir()) == shm_before  # nothing in /dev/shm, ever
+        assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm  # nothing in /dev/shm, ever
         assert server.stop() == 0
-    assert set(SHM.iterdir()) == shm_before
+    assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
 
 
 def test_both_front_ends_serve_and_the_metrics_add_up_across_them(samples):
@@ -91,7 +91,7 @@ def test_a_killed_front_end_is_replaced_and_the_others_keep_serving(samples, shm
             assert all(client.post("/classify", files=files).status_code == 200 for _ in range(20))
         assert "front-end 0 disconnected" in server.log
         assert server.stop() == 0
-    assert set(SHM.iterdir()) == shm_before
+    assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
 
 
 def test_a_killed_engine_means_503_at_once_then_a_new_engine_and_nothing_accepted_lost(photo_1024, samples):
@@ -124,7 +124,7 @@ def test_with_no_restarts_left_an_engine_death_stops_the_server_non_zero(shm_bef
         assert "VIT_ENGINE_RESTARTS=0" in server.log
         for pid in named.values():
             assert not Path(f"/proc/{pid}").exists()
-    assert set(SHM.iterdir()) == shm_before
+    assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
 
 
 def test_kill_9_of_the_supervisor_takes_every_process_with_it(samples, shm_before):
@@ -137,4 +137,4 @@ def test_kill_9_of_the_supervisor_takes_every_process_with_it(samples, shm_befor
         while any(Path(f"/proc/{pid}").exists() for pid in named.values()):
             assert time.monotonic() < deadline, "a child outlived the supervisor"
             time.sleep(0.05)
-    assert set(SHM.iterdir()) == shm_before
+    assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm

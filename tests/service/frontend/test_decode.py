@@ -21,18 +21,34 @@ def _gradient(width: int, height: int) -> Image.Image:
 
 
 def _reference(image: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize the whole image, then centre-crop: the rule written the slow, obvious way."""
-    scale = prep.resize_size / min(image.size)
-    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
-    left, top = (resized.width - prep.image_size) // 2, (resized.height - prep.image_size) // 2
-    return np.asarray(resized.crop((left, top, left + prep.image_size, top + prep.image_size)))
+    """torchvision's own Resize (shorter side) and CenterCrop on the PIL image: the whole image
+    resized, then cropped, the slow and obvious way the libraries do it."""
+    from torchvision import transforms
+
+    resize = transforms.Resize(prep.resize_size, interpolation=transforms.InterpolationMode.BICUBIC)
+    return np.asarray(transforms.CenterCrop(prep.image_size)(resize(image)))
 
 
-def test_resize_and_centre_crop_follow_the_manifest():
-    image = _gradient(120, 80)
-    out = Decoder(RGB, max_pixels=10**8).decode(encode(image, "PNG"))
+@pytest.mark.parametrize("size", [(120, 80), (80, 121), (451, 300), (640, 427), (37, 50)])
+def test_resize_and_centre_crop_follow_torchvision(size):
+    """Odd sizes included: the long side is truncated and each axis scaled by its own ratio, and the
+    crop's odd margin rounded half to even, as torchvision (and timm) do."""
+    image = _gradient(*size)
+    prep = RGB.model_copy(update={"crop_rounding": "half_even"})
+    out = Decoder(prep, max_pixels=10**8).decode(encode(image, "PNG"))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - _reference(image, RGB).astype(int)).max() <= 2
+    assert np.abs(out.astype(int) - _reference(image, prep).astype(int)).max() <= 2
+
+
+def test_an_odd_margin_is_floored_the_hugging_face_way():
+    image = _gradient(35, 35)  # already at the resize size: a 3-pixel margin around the 32-pixel crop
+    prep = RGB.model_copy(update={"resize_size": 35})
+    floored = Decoder(prep, max_pixels=10**8).decode(encode(image, "PNG"))
+    rounded = Decoder(prep.model_copy(update={"crop_rounding": "half_even"}), max_pixels=10**8).decode(
+        encode(image, "PNG")
+    )
+    pixels = np.asarray(image)
+    assert np.array_equal(floored, pixels[1:33, 1:33]) and np.array_equal(rounded, pixels[2:34, 2:34])
 
 
 def test_squash_mode_resizes_without_keeping_aspect():
@@ -124,10 +140,13 @@ def _pillow_reference(data: bytes, prep: Preprocessing) -> np.ndarray:
     image = Image.open(io.BytesIO(data))
     image.draft(prep.color_mode, (prep.resize_size, prep.resize_size))
     image = ImageOps.exif_transpose(image).convert(prep.color_mode)
-    scale = prep.resize_size / min(image.size)
-    left = (round(image.width * scale) - prep.image_size) // 2
-    top = (round(image.height * scale) - prep.image_size) // 2
-    box = tuple(v / scale for v in (left, top, left + prep.image_size, top + prep.image_size))
+    if image.width <= image.height:
+        width, height = prep.resize_size, int(prep.resize_size * image.height / image.width)
+    else:
+        width, height = int(prep.resize_size * image.width / image.height), prep.resize_size
+    left, top = (width - prep.image_size) // 2, (height - prep.image_size) // 2
+    scale_x, scale_y = width / image.width, height / image.height
+    box = (left / scale_x, top / scale_y, (left + prep.image_size) / scale_x, (top + prep.image_size) / scale_y)
     resized = image.resize((prep.image_size, prep.image_size), Image.Resampling.BICUBIC, box=box)
     return np.asarray(resized).reshape(prep.image_size, prep.image_size, -1)
 
