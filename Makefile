@@ -45,6 +45,7 @@ $(CRD_MODELS)/.installed: Makefile $(BIN)/vit-serve
 test: $(VENV)/.test-deps $(CRD_MODELS)/.installed system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.test-deps
@@ -81,7 +82,7 @@ bench: $(BENCH_VENV)/.installed
 # mosec serving the same graph with the same decode; JSON, Markdown, plot and logs in $(PEERS_OUT).
 # One venv holds all five at these pins (pip check is clean); PyTriton needs numpy < 2, so every
 # server there runs numpy 1.26. PEERS_EXTRA=gpu installs onnxruntime-gpu instead (then
-# PEERS_ARGS='--device cuda --model DIR'). The venv hides itself from git (its own .gitignore).
+# PEERS_ARGS='--device cuda --model DIR').
 PEERS_VENV ?= .venv-peers
 PEERS_OUT ?= bench-results/peers
 PEERS_EXTRA ?= cpu
@@ -90,7 +91,6 @@ PEERS_PINS := litserve==0.2.19 bentoml==1.4.40 'ray[serve]==2.60.0' mosec==0.9.8
 
 $(PEERS_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(PEERS_VENV)
-	echo '*' > $(PEERS_VENV)/.gitignore
 	$(PEERS_VENV)/bin/pip install --quiet torch==2.13.0
 	$(PEERS_VENV)/bin/pip install --quiet -e '.[$(PEERS_EXTRA),bench]' $(PEERS_PINS)
 	$(PEERS_VENV)/bin/pip check

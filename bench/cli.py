@@ -12,8 +12,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench.burst import run_burst
+from bench.engine_limit import measure as measure_engine
 from bench.explain_cost import measure
-from bench.machine import Machine
+from bench.host_path import measure as measure_host_path
+from bench.host_path import trivial_model
+from bench.hostile import measure as measure_hostile
+from bench.machine import Machine, describe_cpu
 from bench.plot import plot_result
 from bench.preprocess_speed import measure as measure_preprocessing
 from bench.raw_limit import best_layout, device_of, provider_for
@@ -144,6 +149,58 @@ def variants_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def host_path_command(args: argparse.Namespace) -> int:
+    """CPU per request of the whole server around a trivial graph, and of the engine per image, for
+    several front-end counts: what the host costs, which front-end count suits this machine, and
+    what GPU rate the host could feed."""
+    model = args.model or trivial_model(args.out / "trivial")
+    image = _photo_jpeg("astronaut", (args.upload_side, args.upload_side))
+    levels = _levels(args.concurrency)
+    cores = available_cores()
+    print(
+        f"machine: {describe_cpu()}, {cores} cores; "
+        f"model {Manifest.read(model).name}, one {len(image)}-byte JPEG per request"
+    )
+    print(
+        f"{'front-ends':>10} {'conc':>5} {'req/s':>8} {'server CPU ms/req':>18} {'engine CPU us/img':>18} {'errors':>6}"
+    )
+    rows = []
+    for frontends in _levels(args.frontends):
+        for row in measure_host_path(model, image, frontends, levels, args.seconds):
+            rows.append(row)
+            print(
+                f"{row.frontends:10d} {row.concurrency:5d} {row.requests_per_s:8.1f} {row.server_cpu_ms:18.3f} "
+                f"{row.engine_cpu_us:18.1f} {row.errors:6d}"
+            )
+    busiest = [row for row in rows if row.concurrency == max(levels)]
+    best = max(busiest, key=lambda row: row.requests_per_s)
+    print(
+        f"best here: VIT_FRONTEND_PROCESSES={best.frontends} ({best.requests_per_s:.0f} req/s at c={best.concurrency})"
+    )
+    front_ms = best.server_cpu_ms - best.engine_cpu_us / 1000
+    print(
+        f"ceiling implied for a GPU behind this host: front-ends {cores * 1000 / front_ms:,.0f} img/s on {cores} cores "
+        f"({front_ms:.3f} ms each); one engine {1e6 / best.engine_cpu_us:,.0f} img/s ({best.engine_cpu_us:.1f} us each)"
+    )
+    return 0
+
+
+def engine_command(args: argparse.Namespace) -> int:
+    """The engine alone, fed by the bench as front-end 0: images/s and its own CPU per image."""
+    model = args.model or trivial_model(args.out / "trivial")
+    image = _photo_jpeg("astronaut", (args.upload_side, args.upload_side))
+    print(f"machine: {describe_cpu()}, {available_cores()} cores; model {Manifest.read(model).name}")
+    print(f"{'in flight':>9} {'max batch':>9} {'img/s':>9} {'engine CPU us/img':>18} {'mean batch':>10}")
+    for batch in _levels(args.max_batch_size):
+        for in_flight in _levels(args.in_flight):
+            row = measure_engine(model, image, in_flight, batch, args.seconds)
+            print(
+                f"{row.in_flight:9d} {row.max_batch_size:9d} {row.images_per_s:9.0f} {row.engine_cpu_us:18.1f} "
+                f"{row.mean_batch:10.1f}   (one engine: {1e6 / row.engine_cpu_us:,.0f} img/s of its own CPU)"
+            )
+    return 0
+
+
 def peers_command(args: argparse.Namespace) -> int:
     """The service beside LitServe, BentoML, Ray Serve, PyTriton and mosec serving the same graph."""
     from bench.peers import NAMES
@@ -187,6 +244,39 @@ def peers_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def burst_command(args: argparse.Namespace) -> int:
+    """Clients far over capacity, all at once: how fast the server says no, and that it never says 5xx."""
+    image = _photo_jpeg("astronaut", (args.upload_side, args.upload_side))
+    result = run_burst(args.model, image, args.clients, args.images_per_request, args.rounds)
+    print(f"machine: {describe_cpu()}, {available_cores()} cores")
+    print(
+        f"{args.rounds} bursts of {args.clients} clients at once, {args.images_per_request} JPEGs "
+        f"({len(image)} bytes each) per request: {result.requests} requests"
+    )
+    print("status counts: " + ", ".join(f"{status or 'no answer'}: {n}" for status, n in result.by_status.items()))
+    p10, p50, p90 = result.refusal_ms
+    print(f"server-side duration of the 429s: p10 {p10:.1f} ms, p50 {p50:.1f} ms, p90 {p90:.1f} ms (target p90 <= 50)")
+    p10, p50, p90 = result.accepted_ms
+    print(f"server-side duration of the 200s: p10 {p10:.1f} ms, p50 {p50:.1f} ms, p90 {p90:.1f} ms")
+    print(f"5xx or unanswered: {result.server_errors}")
+    return 1 if result.server_errors else 0
+
+
+def hostile_command(args: argparse.Namespace) -> int:
+    """The server's CPU per hostile request, against one ordinary classification's: the budgets at work."""
+    ordinary = _photo_jpeg("astronaut", (248, 248))
+    ordinary_ms, costs = measure_hostile(args.model, ordinary, args.repeats)
+    print(f"machine: {describe_cpu()}, {available_cores()} cores")
+    print(f"one ordinary classification (a {len(ordinary)}-byte JPEG): {ordinary_ms:.2f} ms of server CPU")
+    print(f"{'case':42} {'answer':>26} {'CPU ms':>8} {'x ordinary':>10}")
+    for cost in costs:
+        answer = f"{cost.status} {cost.error_type}"
+        print(f"{cost.name:42} {answer:>26} {cost.cpu_ms:8.2f} {cost.cpu_ms / ordinary_ms:10.1f}")
+    worst = max(costs, key=lambda cost: cost.cpu_ms)
+    print(f"worst: {worst.name}, {worst.cpu_ms / ordinary_ms:.1f}x an ordinary classification (target <= 10x)")
+    return 0
+
+
 def preprocess_command(args: argparse.Namespace) -> int:
     """One core, as each decode thread uses one."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -220,11 +310,13 @@ def soak_command(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
-DEVICE_OPTION: dict[str, object] = {
-    "choices": ["auto", "cpu", "cuda"],
-    "default": "auto",
-    "help": "auto: CUDA when onnxruntime has it (as VIT_PROVIDERS)",
-}
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: CUDA when onnxruntime has it (as VIT_PROVIDERS)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "--upload-side", type=int, help="side of the square uploaded JPEG (default: the model's resize size)"
     )
     run.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON and PNG")
-    run.add_argument("--device", **DEVICE_OPTION)
+    add_device_option(run)
     run.add_argument(
         "--images-per-request", type=int, default=1, help="images in each service request (the baseline takes one)"
     )
@@ -246,21 +338,37 @@ def main(argv: list[str] | None = None) -> int:
     variants = commands.add_parser("variants", help="raw limit of each exported variant here: which to serve")
     variants.add_argument("models", type=Path, nargs="+", help="exported model folders (one per variant)")
     variants.add_argument("--seconds", type=float, default=5.0, help="seconds per measured layout")
-    variants.add_argument("--device", **DEVICE_OPTION)
+    add_device_option(variants)
     variants.set_defaults(run=variants_command)
     again = commands.add_parser(
         "reproduce", help="CPU: ViT-Ti and ViT-B, fp32 and int8; CUDA: ViT-B fp32, fp16, fp16+fused: bench each"
     )
-    again.add_argument("--device", **DEVICE_OPTION)
+    add_device_option(again)
     again.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
     again.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
     again.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for models, JSON, PNG, summary")
     again.set_defaults(run=reproduce_command)
+    host = commands.add_parser("host-path", help="server CPU per request around a trivial graph, by front-end count")
+    host.add_argument("--model", type=Path, help="exported model folder (default: a trivial graph, ViT-B's input)")
+    host.add_argument("--frontends", default="1,2,4", help="comma-separated VIT_FRONTEND_PROCESSES to try")
+    host.add_argument("--concurrency", default="1,64", help="comma-separated client counts")
+    host.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    host.add_argument("--upload-side", type=int, default=248, help="side of the square uploaded JPEG")
+    host.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the trivial model")
+    host.set_defaults(run=host_path_command)
+    alone = commands.add_parser("engine", help="the engine alone, fed as fast as possible: its CPU per image")
+    alone.add_argument("--model", type=Path, help="exported model folder (default: a trivial graph, ViT-B's input)")
+    alone.add_argument("--in-flight", default="64,256", help="comma-separated one-image requests kept in the engine")
+    alone.add_argument("--max-batch-size", default="8,64", help="comma-separated VIT_MAX_BATCH_SIZE to try")
+    alone.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    alone.add_argument("--upload-side", type=int, default=248, help="side of the decoded JPEG")
+    alone.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the trivial model")
+    alone.set_defaults(run=engine_command)
     peers = commands.add_parser(
         "peers", help="the service beside LitServe, BentoML, Ray Serve, PyTriton and mosec on the same graph"
     )
     peers.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder")
-    peers.add_argument("--device", **DEVICE_OPTION)
+    add_device_option(peers)
     peers.add_argument("--concurrency", default="4,16,64", help="comma-separated client counts")
     peers.add_argument("--images-per-request", type=int, default=1, help="images in each request, for every server")
     peers.add_argument("--seconds", type=float, default=5.0, help="seconds of each timed window")
@@ -270,6 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path("bench-results/peers"), help="folder for JSON, Markdown, PNG and logs"
     )
     peers.set_defaults(run=peers_command)
+    bursting = commands.add_parser("burst", help="a burst far over capacity: how fast the 429s are, and no 5xx")
+    bursting.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder")
+    bursting.add_argument("--clients", type=int, default=96, help="clients posting at the same instant")
+    bursting.add_argument("--images-per-request", type=int, default=32, help="JPEGs in each request")
+    bursting.add_argument("--rounds", type=int, default=3, help="bursts, each from an idle server")
+    bursting.add_argument("--upload-side", type=int, default=248, help="side of the square uploaded JPEG")
+    bursting.set_defaults(run=burst_command)
+    hostile = commands.add_parser("hostile", help="server CPU per hostile request vs one ordinary classification")
+    hostile.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder")
+    hostile.add_argument("--repeats", type=int, default=20, help="requests of each hostile case")
+    hostile.set_defaults(run=hostile_command)
     prep = commands.add_parser("preprocess", help="decode and resize timings on one core")
     prep.set_defaults(run=preprocess_command)
     cost = commands.add_parser("explain-cost", help="latency of explain=true vs plain requests")

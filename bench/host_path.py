@@ -102,11 +102,9 @@ def _engine_pid(root: int) -> int:
     raise RuntimeError("no engine process under the server")
 
 
-def measure(
-    model_dir: Path, image: bytes, frontends: int, levels: list[int], seconds: float, **settings: object
-) -> list[HostPath]:
+def measure(model_dir: Path, image: bytes, frontends: int, levels: list[int], seconds: float) -> list[HostPath]:
     results = []
-    with run_server(model_dir, frontend_processes=frontends, **settings) as server:
+    with run_server(model_dir, frontend_processes=frontends) as server:
         request = multipart_upload(server.url, "/classify", [image])
         engine = _engine_pid(server.process.pid)
         wire_closed_loop(server.url, request, 2, 1.0)  # warm the path

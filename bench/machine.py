@@ -43,7 +43,7 @@ class Machine:
         return self.peaks[variant.split("+")[0]]
 
 
-def _cpuinfo() -> tuple[str, list[str]]:
+def cpu_info() -> tuple[str, list[str]]:
     name, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -58,11 +58,11 @@ def _cpuinfo() -> tuple[str, list[str]]:
 
 def describe_cpu() -> str:
     """The processor's name and the flags that pick onnxruntime's matrix kernels."""
-    name, flags = _cpuinfo()
+    name, flags = cpu_info()
     return f"{name} ({', '.join(flags) or 'no kernel flags of note'})"
 
 
-def _gpu_name() -> str:
+def gpu_name() -> str:
     try:
         query = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
@@ -108,7 +108,7 @@ def gemm_peak(precision: str, cores: int, seconds: float, provider: str) -> floa
 
 
 def describe(cores: int, seconds: float, provider: str) -> Machine:
-    cpu, flags = _cpuinfo()
+    cpu, flags = cpu_info()
     device = device_of(provider)
     peaks = {precision: gemm_peak(precision, cores, seconds, provider) for precision in PEAK_PRECISIONS[device]}
-    return Machine(cpu, cores, flags, _gpu_name() if device == "cuda" else None, peaks)
+    return Machine(cpu, cores, flags, gpu_name() if device == "cuda" else None, peaks)

@@ -130,6 +130,7 @@ def best_layout(
 ) -> list[Layout]:
     """Best first. On CPU every way to split `cores` into sessions x threads, at each CPU batch;
     on CUDA one session (as the service runs there) at each CUDA batch, input copied from host."""
+    batches: tuple[int, ...]
     if provider == CUDA:
         splits, batches = [(1, 1)], CUDA_BATCHES
     else:

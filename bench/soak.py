@@ -37,7 +37,7 @@ def soak(model_dir: Path, images: list[bytes], duration_s: float, clients: int) 
         samples: list[tuple[float, float]] = []
         counter = {"sent": 0}
 
-        def send(client):  # type: ignore[no-untyped-def]
+        def send(client):
             counter["sent"] += 1
             data = images[counter["sent"] % len(images)]
             return client.post("/classify", files={"file": ("image.jpg", data, "image/jpeg")})

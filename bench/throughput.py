@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import statistics
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,10 +67,6 @@ class BenchResult:
         }
 
 
-def _load(url: str, images: list[bytes], clients: int, seconds: float) -> list[Outcome]:
-    return wire_closed_loop(url, multipart_upload(url, "/classify", images), clients, seconds)
-
-
 def _batch_totals(client: httpx.Client) -> tuple[float, float]:
     totals = {"sum": 0.0, "count": 0.0}
     for line in client.get("/metrics").text.splitlines():
@@ -78,41 +76,78 @@ def _batch_totals(client: httpx.Client) -> tuple[float, float]:
     return totals["sum"], totals["count"]
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+Sample = Callable[[], tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One concurrency level's timed window: the 200s that finished inside it, and what it cost."""
+
+    clients: int
+    answered: list[Outcome]
+    errors: int  # answers other than 200, and requests that got none, over the whole level
+    spent: tuple[float, ...]  # the sampled counters' growth over the window (CPU seconds, batch totals)
+
+    def latencies_ms(self) -> list[float]:
+        return [o.latency_s * 1000 for o in self.answered]
+
+
+def timed_windows(
+    url: str,
+    request: bytes,
+    levels: list[int],
+    seconds: float,
+    images_per_request: int,
+    limit_per_s: float,
+    sample: Sample = tuple,
+) -> Iterator[Window]:
+    """Closed-loop load at each level, from a load generator in its own process (its Python work is
+    not the server's); figures from the requests that finish inside a `seconds` window opened once
+    the loop has had a round trip to settle (about clients / limit). `sample` is read as the window
+    opens and as it closes."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(wire_closed_loop, (url, request, 2, 1.0))  # warm the path
+        for clients in levels:
+            settle_s = max(0.5, 1.5 * clients * images_per_request / limit_per_s)
+            pending = pool.apply_async(wire_closed_loop, (url, request, clients, settle_s + seconds))
+            time.sleep(settle_s)
+            opening = sample()
+            time.sleep(seconds)
+            spent = tuple(after - before for after, before in zip(sample(), opening, strict=True))
+            outcomes = pending.get()
+            opened = min((o.started for o in outcomes), default=0.0) + settle_s
+            ok = [o for o in outcomes if o.status == 200 and opened <= o.started + o.latency_s <= opened + seconds]
+            yield Window(clients, ok, sum(o.status != 200 for o in outcomes), spent)
 
 
 def measure_http(
     system: str, url: str, images: list[bytes], levels: list[int], seconds: float, limit_per_s: float
 ) -> list[HttpResult]:
-    """Closed-loop load at each level; figures from the requests that finish inside a `seconds`
-    window opened once the loop has had a round trip to settle (about clients / limit)."""
-    # The load generator runs in its own process, so its Python work is not the server's.
-    context = multiprocessing.get_context("spawn")
+    """images/s and latency at each level for one image list per /classify request; the service's
+    mean formed batch from its own metrics."""
     results = []
-    with httpx.Client(base_url=url, timeout=60) as client, context.Pool(1) as pool:
-        _load(url, images, 2, 1.0)  # warm the path
-        for clients in levels:
-            settle_s = max(0.5, 1.5 * clients * len(images) / limit_per_s)
-            before = _batch_totals(client) if system == "service" else None
-            outcomes = pool.apply(_load, (url, images, clients, settle_s + seconds))
-            opened = min(o.started for o in outcomes) + settle_s
-            ok = [o for o in outcomes if o.status == 200 and opened <= o.started + o.latency_s <= opened + seconds]
-            latencies = [o.latency_s * 1000 for o in ok]
-            mean_batch = None
-            if before is not None:
-                after = _batch_totals(client)
-                mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+    request = multipart_upload(url, "/classify", images)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        sample: Sample = (lambda: _batch_totals(client)) if system == "service" else tuple
+        for window in timed_windows(url, request, levels, seconds, len(images), limit_per_s, sample):
+            mean_batch = window.spent[0] / max(1.0, window.spent[1]) if window.spent else None
+            latencies = window.latencies_ms()
             results.append(
                 HttpResult(
                     system,
-                    clients,
-                    len(ok) * len(images) / seconds,
-                    _percentile(latencies, 50),
-                    _percentile(latencies, 95),
-                    _percentile(latencies, 99),
+                    window.clients,
+                    len(window.answered) * len(images) / seconds,
+                    percentile(latencies, 50),
+                    percentile(latencies, 95),
+                    percentile(latencies, 99),
                     mean_batch,
-                    sum(o.status != 200 for o in outcomes),
+                    window.errors,
                 )
             )
     return results
@@ -142,15 +177,15 @@ def run_bench(
     threads = Settings().intra_op_threads
     lone_ms = lone_latency_ms(onnx_path, shape, threads, runs=max(5, int(seconds * 10)), provider=provider)
     measured = measurable_levels(levels, best.images_per_s / images_per_request, seconds)
-    server_settings: dict[str, object] = {
-        "providers": device_of(provider),
-        "require_requested_provider": True,
-        "max_queue_images": max(256, 4 * max(measured) * images_per_request),
-    }
-    if provider == CUDA:
-        # Batches still form with no wait: images gather while the GPU runs the one before.
-        server_settings["max_batch_size"] = best.batch
-    with run_server(model_dir, **server_settings) as server:
+    # On CUDA the batch is the limit's best: batches still form with no wait, from the images that
+    # gather while the GPU runs the one before.
+    with run_server(
+        model_dir,
+        providers=device_of(provider),
+        require_requested_provider=True,
+        max_queue_images=max(256, 4 * max(measured) * images_per_request),
+        max_batch_size=best.batch if provider == CUDA else Settings().max_batch_size,
+    ) as server:
         uploads = [image] * images_per_request
         service = measure_http("service", server.url, uploads, measured, seconds, best.images_per_s)
         server.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -30,14 +29,13 @@ import onnxruntime as ort
 from PIL import Image
 
 from bench.cpu import is_running, process_tree, process_tree_cpu_seconds
-from bench.load import wire_closed_loop
-from bench.machine import _cpuinfo, _gpu_name
+from bench.machine import cpu_info, gpu_name
 from bench.peers import ENTRIES, Peer, installed, load, multipart_request, results_top1
 from bench.peers.common import free_port
 from bench.peers.report import SERVICE, Gate, Level, PeersResult, System, check_gate
 from bench.raw_limit import device_of, measure_layout, provider_for
 from bench.server import run_server
-from bench.throughput import _percentile, measurable_levels
+from bench.throughput import measurable_levels, percentile, timed_windows
 from model_export.manifest import Manifest
 from service.settings import Settings, available_cores
 
@@ -178,37 +176,25 @@ def wait_ready(running: Running, request: bytes) -> None:
 def measure(
     system: str, url: str, request: bytes, per_request: int, levels: list[int], seconds: float, limit: float, pid: int
 ) -> list[Level]:
-    """Closed-loop load at each level as bench.throughput.measure_http applies it (a warm-up, then
-    per level a settle window of about one round trip, then `seconds` timed), with the CPU time of
-    the server's process tree sampled at the edges of the timed window."""
-    context = multiprocessing.get_context("spawn")  # the load generator's Python work is not the server's
+    """Each level as bench.throughput measures the service's, with the CPU time of the server's
+    process tree sampled as the timed window opens and closes."""
     results = []
-    with context.Pool(1) as pool:
-        pool.apply(wire_closed_loop, (url, request, 2, 1.0))  # warm the path
-        for clients in levels:
-            settle_s = max(0.5, 1.5 * clients * per_request / limit)
-            pending = pool.apply_async(wire_closed_loop, (url, request, clients, settle_s + seconds))
-            time.sleep(settle_s)
-            cpu_before = process_tree_cpu_seconds(pid)
-            time.sleep(seconds)
-            cpu_s = process_tree_cpu_seconds(pid) - cpu_before
-            outcomes = pending.get()
-            opened = min((o.started for o in outcomes), default=0.0) + settle_s
-            ok = [o for o in outcomes if o.status == 200 and opened <= o.started + o.latency_s <= opened + seconds]
-            latencies = [o.latency_s * 1000 for o in ok] or [float("nan")]
-            results.append(
-                Level(
-                    system,
-                    clients,
-                    len(ok) * per_request / seconds,
-                    _percentile(latencies, 50),
-                    _percentile(latencies, 99),
-                    sum(o.status != 200 for o in outcomes),
-                    len(ok),
-                    cpu_s,
-                )
+    windows = timed_windows(url, request, levels, seconds, per_request, limit, lambda: (process_tree_cpu_seconds(pid),))
+    for window in windows:
+        latencies = window.latencies_ms()
+        results.append(
+            Level(
+                system,
+                window.clients,
+                len(window.answered) * per_request / seconds,
+                percentile(latencies, 50),
+                percentile(latencies, 99),
+                window.errors,
+                len(window.answered),
+                window.spent[0],
             )
-            logger.info("%s c=%d: %.1f images/s", system, clients, results[-1].images_per_s)
+        )
+        logger.info("%s c=%d: %.1f images/s", system, window.clients, results[-1].images_per_s)
     return results
 
 
@@ -248,12 +234,12 @@ def run_peers(
     shape = (prep.image_size, prep.image_size, prep.channels)
     limit = measure_layout(model_dir / manifest.onnx_file, shape, workers, 1, limit_batch, min(seconds, 2.0), provider)
     measured = measurable_levels(levels, limit.images_per_s / images_per_request, seconds)
-    cpu, flags = _cpuinfo()
+    cpu, flags = cpu_info()
     result = PeersResult(
         model=manifest.name,
         variant=manifest.variant,
         device=device,
-        machine={"cpu": cpu, "cores": cores, "kernel_flags": flags, "gpu": _gpu_name() if device == "cuda" else None},
+        machine={"cpu": cpu, "cores": cores, "kernel_flags": flags, "gpu": gpu_name() if device == "cuda" else None},
         onnxruntime=ort.__version__,
         upload=upload_words,
         images_per_request=images_per_request,
