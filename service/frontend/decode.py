@@ -139,7 +139,7 @@ class Decoder:
         else:
             image = self._pillow(data, fmt)
         try:
-            out[...] = np.asarray(self._resize(image)).reshape(self.shape)
+            out[...] = np.asarray(self.resize_and_crop(image)).reshape(self.shape)
         finally:
             image.close()
 
@@ -235,7 +235,8 @@ class Decoder:
         box = (crop[0] / scale_x, crop[1] / scale_y, crop[2] / scale_x, crop[3] / scale_y)
         return (scale_x, scale_y), crop, box
 
-    def _resize(self, image: Image.Image) -> Image.Image:
+    def resize_and_crop(self, image: Image.Image) -> Image.Image:
+        """The model's input from a decoded, upright image in its colour mode."""
         scale, crop, box = self._geometry(*image.size)
         if scale == (1, 1):
             # At scale 1 every filter weighs only the pixel itself: the crop is the resize, exactly.
