@@ -16,8 +16,7 @@ from bench.server import run_server
 
 
 @dataclass(frozen=True)
-class BurstResult:
-    requests: int
+class Round:
     by_status: dict[int, int]
     refusal_ms: tuple[float, float, float]  # server-side duration of the 429s: p10, p50, p90
     accepted_ms: tuple[float, float, float]  # and of the 200s
@@ -57,18 +56,25 @@ def _deciles(values: list[float]) -> tuple[float, float, float]:
     return cuts[0], cuts[4], cuts[8]
 
 
-def run_burst(model_dir: Path, image: bytes, clients: int, images_per_request: int, rounds: int) -> BurstResult:
+def run_burst(model_dir: Path, image: bytes, clients: int, images_per_request: int, rounds: int) -> list[Round]:
+    """Each round from an idle server; the first is also its first traffic (a cold start)."""
+    results = []
     with run_server(model_dir) as server:
         request = multipart_upload(server.url, "/classify", [image] * images_per_request)
-        statuses: list[int] = []
         for _ in range(rounds):
-            statuses += asyncio.run(_burst(server.url, request, clients))
-            time.sleep(0.5)  # let the admitted work finish: each round starts from an idle server
+            logged = len(server.lines)
+            statuses = asyncio.run(_burst(server.url, request, clients))
+            time.sleep(1.0)  # let the admitted work finish, and its access log lines arrive
+            results.append(_round(statuses, server.lines[logged:]))
         server.stop()
+    return results
+
+
+def _round(statuses: list[int], lines: list[str]) -> Round:
     durations: dict[int, list[float]] = {200: [], 429: []}
-    for line in server.lines:
+    for line in lines:
         if line.startswith("{") and '"route": "/classify"' in line:
             entry = json.loads(line)
             durations.setdefault(entry["status"], []).append(entry["duration_ms"])
     by_status = {status: statuses.count(status) for status in sorted(set(statuses))}
-    return BurstResult(len(statuses), by_status, _deciles(durations[429]), _deciles(durations[200]))
+    return Round(by_status, _deciles(durations[429]), _deciles(durations[200]))

@@ -1,10 +1,18 @@
-"""Logging: one JSON object per line (or plain text), each with the request ID it belongs to."""
+"""Logging: one JSON object per line (or plain text), each with the request ID it belongs to.
+
+Records are written by a thread of their own (the standard library's QueueHandler and
+QueueListener): an event loop never waits for stderr, however slowly its reader drains it.
+"""
 
 from __future__ import annotations
 
+import atexit
 import contextvars
+import copy
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 
@@ -38,19 +46,39 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD and v is not None})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
         return json.dumps(entry, default=str)
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Resolves in the logging thread what is only valid there (the arguments, the traceback), and
+    keeps every field for the writer's formatter; QueueHandler's own prepare formats them away."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return record
 
 
 def configure_logging(level: str, fmt: str, process: str) -> None:
     """process: which of the server's processes writes (supervisor, engine, frontend-N)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(ContextFilter(process))
+    writer = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        writer.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
+        writer.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(proc)s %(name)s [%(request_id)s] %(message)s")
         )
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handler = _Enqueue(records)
+    handler.addFilter(ContextFilter(process))  # here, in the logging thread: the request ID is a context variable
+    listener = logging.handlers.QueueListener(records, writer)
+    listener.start()
+    atexit.register(listener.stop)  # what is queued is written before the process ends
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -57,10 +57,16 @@ class BodyLimits:
             raise TooManyImages(f"{count} images in one request; the limit is {self.max_images}")
 
 
+def declared_length(request: Request) -> int | None:
+    """The body's Content-Length, if it has a plain one."""
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
 async def stream(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
     """The body's chunks, refused with 413 as soon as it passes max_bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    declared = declared_length(request)
+    if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {max_bytes}")
     total = 0
     try:

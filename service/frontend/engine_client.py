@@ -55,6 +55,7 @@ from service.shm_ring import (
 logger = logging.getLogger(__name__)
 MAX_MESSAGE = 1 << 16
 RECONNECT_S = 0.05  # between attempts while the engine restarts
+BYTES_PER_IMAGE_WEIGHT = 0.2  # of each new body in the moving average: a few requests to follow a change
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,14 @@ class Answer:
     preprocess_s: float  # the slowest image's decode
     queue_wait_s: float  # the longest wait in the engine's queue
     inference_s: float  # the longest batch these images ran in
+
+
+@dataclass(eq=False)
+class Admission:
+    """What an admitted request holds while its body is read: the image slots its size suggests."""
+
+    declared_bytes: int | None  # the body's Content-Length, when it has one
+    slots: list[int]
 
 
 @dataclass(eq=False)
@@ -128,6 +137,7 @@ class EngineClient:
         # Stacks: the slot freed last is reused first, so a light load keeps touching the same pages.
         self._free_images = list(reversed(layout.image_slot_ids(partition)))
         self._free_tensors = list(reversed(layout.tensor_slot_ids(partition)))
+        self._bytes_per_image: float | None = None  # of the bodies read so far, a moving average
         self._in_engine: dict[int, _Request | None] = {}  # None: an orphan, freed on its DONE
         self._requests: set[_Request] = set()
         self._decode_pool = ThreadPoolExecutor(settings.resolved_preprocess_threads(), thread_name_prefix="decode")
@@ -267,15 +277,38 @@ class EngineClient:
     # --- admission -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
+    def admitted(self, declared_bytes: int | None = None) -> Iterator[Admission]:
         """Count the request for the drain and refuse it now if it cannot be served: 503 while
-        draining or without an engine, 429 when this front-end has no free slot. Checked before
-        the body is read, so a full server answers without reading uploads it would refuse."""
+        draining or without an engine, 429 when this front-end has no room for the images its
+        body is likely to hold. Checked before the body is read, so a full server answers without
+        reading uploads it would refuse, and a burst of large uploads is refused at once."""
         with self.lifecycle.track():
             self._check_ready()
-            if not self._free_images:
-                self._refuse_full(1, "images")
-            yield
+            admission = Admission(declared_bytes, self._take(self._free_images, self._expected(declared_bytes)))
+            try:
+                yield admission
+            finally:
+                for slot in admission.slots:
+                    self._free(slot)
+
+    def _expected(self, declared_bytes: int | None) -> int:
+        """The images a body of this size holds, judged by the bodies this front-end has read. At
+        least its share of a full body (max_body_bytes / max_images_per_request each), so the bytes
+        read at once stay bounded before anything is learnt; one without a Content-Length."""
+        if declared_bytes is None:
+            return 1
+        settings = self.settings
+        expected = math.ceil(declared_bytes * settings.max_images_per_request / settings.max_body_bytes)
+        if self._bytes_per_image is not None:
+            expected = max(expected, math.ceil(declared_bytes / self._bytes_per_image))
+        return max(1, min(settings.max_images_per_request, expected))
+
+    def _learn(self, declared_bytes: int | None, images: int) -> None:
+        if declared_bytes is None or not images:
+            return
+        sample = declared_bytes / images
+        previous = self._bytes_per_image
+        self._bytes_per_image = sample if previous is None else previous + BYTES_PER_IMAGE_WEIGHT * (sample - previous)
 
     def _check_ready(self) -> None:
         if not self.connected:
@@ -293,16 +326,26 @@ class EngineClient:
             retry_after=self._retry,
         )
 
-    def _reserve(self, images: int, tensors: int) -> list[int]:
-        # No readiness check here: the request was admitted, so it waits for an engine (within its
-        # deadline) even if this one dies while its body is read.
-        if images > len(self._free_images):
-            self._refuse_full(images, "images")
-        if tensors > len(self._free_tensors):
-            self._refuse_full(tensors, "FP32 tensors")
-        slots = [self._free_images.pop() for _ in range(images)] + [self._free_tensors.pop() for _ in range(tensors)]
-        self.metrics.images_in_flight.inc(len(slots))
+    def _take(self, free: list[int], count: int) -> list[int]:
+        """`count` slots from a free stack, or 429 and none."""
+        if count > len(free):
+            self._refuse_full(count, "FP32 tensors" if free is self._free_tensors else "images")
+        slots = [free.pop() for _ in range(count)]
+        self.metrics.images_in_flight.inc(count)
         return slots
+
+    def _settle(self, admission: Admission, images: int, tensors: int) -> tuple[list[int], list[int]]:
+        """The request's slots, now that its body is read: the admission's image slots trimmed or
+        topped up to the images it holds, and its tensor slots. No readiness check: an admitted
+        request waits for an engine (within its deadline) even if this one died meanwhile."""
+        held = admission.slots
+        for slot in held[images:]:
+            self._free(slot)
+        admission.slots = held[:images]
+        admission.slots += self._take(self._free_images, images - len(admission.slots))
+        tensor_slots = self._take(self._free_tensors, tensors)
+        image_slots, admission.slots = admission.slots, []
+        return image_slots, tensor_slots
 
     def _free(self, slot: int) -> None:
         (self._free_tensors if self.ring.layout.is_tensor(slot) else self._free_images).append(slot)
@@ -312,6 +355,7 @@ class EngineClient:
 
     async def run(
         self,
+        admission: Admission,
         inputs: Sequence[Upload | np.ndarray],
         *,
         deadline: float,
@@ -320,18 +364,19 @@ class EngineClient:
     ) -> Answer:
         """Each input's output rows, in order. Uploads are decoded here; float32 (C, H, W) arrays
         are already-normalised rows (the OIP FP32 input). Typed errors: the first bad upload
-        (naming its part), 429/503 at admission, 504 past the deadline, 499 when the client left."""
+        (naming its part), 429 when more images came than were admitted and there is no room,
+        504 past the deadline, 499 when the client left."""
         graph = Graph.EXPLAIN if explain else Graph.PLAIN
         if self.info is not None and not self.info.has(graph):
             raise InvalidParameter(
                 "explain=true needs the explain graph (model_explain.onnx), which a model without a [class] "
                 "token, or one exported with --no-explain, does not have"
             )
-        uploads = [item for item in inputs if isinstance(item, Upload)]
-        tensors = [item for item in inputs if not isinstance(item, Upload)]
-        reserved = self._reserve(len(uploads), len(tensors))
-        image_slots, tensor_slots = iter(reserved[: len(uploads)]), iter(reserved[len(uploads) :])
-        slots = [next(tensor_slots) if isinstance(item, np.ndarray) else next(image_slots) for item in inputs]
+        uploads = sum(isinstance(item, Upload) for item in inputs)
+        if uploads == len(inputs):  # bodies of encoded images only: what admission estimates
+            self._learn(admission.declared_bytes, uploads)
+        images, tensors = (iter(held) for held in self._settle(admission, uploads, len(inputs) - uploads))
+        slots = [next(images) if isinstance(item, Upload) else next(tensors) for item in inputs]
         request = _Request(graph, deadline, slots)
         try:
             decode_s = await self._fill(inputs, slots)

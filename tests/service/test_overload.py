@@ -1,5 +1,6 @@
 """Ten times the admitted capacity for 20 s on loopback: fast 429s, no broken deadlines, flat memory."""
 
+import socket
 import statistics
 import time
 
@@ -82,3 +83,35 @@ def test_ten_times_capacity_is_refused_fast_and_memory_stays_flat(photo_1024):
     assert _median_bound(server_side) <= _median_bound(served), (shares, served)
     assert max(accepted) < TIMEOUT_S
     assert growth < 25, rss  # MB beyond the warmed-up level: flat, not a leak
+
+
+def _head(url: str, length: int, boundary: str = "b") -> bytes:
+    return (
+        f"POST /classify HTTP/1.1\r\nHost: {url}\r\nContent-Length: {length}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
+
+
+def test_admission_reserves_what_a_body_of_that_size_holds_before_reading_it(photo_1024):
+    """Once a front-end has read bodies of some size, a body's Content-Length tells how many images
+    it likely holds: those are reserved at admission, and a request that could not fit is refused
+    before a byte of its body is read (here: never sent)."""
+    files = [("file", (f"{i}.jpg", photo_1024, "image/jpeg")) for i in range(8)]
+    with run_server(frontend_processes=1, max_queue_images=8, max_images_per_request=8) as server:
+        with server.client() as client:
+            primed = client.post("/classify", files=files)
+            assert primed.status_code == 200
+        length = int(primed.request.headers["content-length"])
+        port = int(server.url.rsplit(":", 1)[1])
+        with (
+            socket.create_connection(("127.0.0.1", port)) as holder,
+            socket.create_connection(("127.0.0.1", port)) as late,
+        ):
+            holder.sendall(_head(server.url, length) + b"--b\r\n")  # admitted, its body still coming
+            time.sleep(0.5)
+            late.sendall(_head(server.url, length))  # the same size, and not a byte of body
+            late.settimeout(10)
+            answer = late.recv(65536).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 429"), answer
+        assert '"error_type":"overloaded"' in answer.replace(" ", "")
+        assert server.stop() == 0

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.errors import InvalidParameter
 from service.frontend.access import require_api_key
+from service.frontend.body import declared_length
 from service.frontend.engine_client import Answer
 from service.frontend.results import attention, predictions
 from service.frontend.routes.dependencies import Frontend, get_frontend, request_deadline, wait_for_disconnect
@@ -50,10 +51,10 @@ async def classify(
     k = top_k or min(frontend.settings.default_top_k, manifest.num_classes)
     if k > manifest.num_classes:
         raise InvalidParameter(f"top_k must be between 1 and {manifest.num_classes}, the number of classes")
-    with engine.admitted():
+    with engine.admitted(declared_length(request)) as admission:
         uploads = await read_uploads(request, frontend.limits)
         answer = await engine.run(
-            uploads, deadline=deadline, explain=explain, gone=partial(wait_for_disconnect, request)
+            admission, uploads, deadline=deadline, explain=explain, gone=partial(wait_for_disconnect, request)
         )
     results = []
     for index, (upload, rows) in enumerate(zip(uploads, answer.rows, strict=True)):

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.frontend.access import require_api_key
+from service.frontend.body import declared_length
 from service.frontend.results import embeddings
 from service.frontend.routes.classify import timing_headers
 from service.frontend.routes.dependencies import Frontend, get_frontend, request_deadline, wait_for_disconnect
@@ -34,9 +35,10 @@ async def embed(
     deadline: Annotated[float, Depends(request_deadline)],
     normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
 ) -> Response:
-    with frontend.engine.admitted():
+    engine = frontend.engine
+    with engine.admitted(declared_length(request)) as admission:
         uploads = await read_uploads(request, frontend.limits)
-        answer = await frontend.engine.run(uploads, deadline=deadline, gone=partial(wait_for_disconnect, request))
+        answer = await engine.run(admission, uploads, deadline=deadline, gone=partial(wait_for_disconnect, request))
     vectors = embeddings(answer.rows, normalize)
     results = [{"filename": u.name, "embedding": v.tolist()} for u, v in zip(uploads, vectors, strict=True)]
     body = {

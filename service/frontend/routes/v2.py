@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from model_export.manifest import EMBEDDING_NAME, Manifest
 from service.errors import BadRequest, ModelNotFound
 from service.frontend.access import require_api_key
-from service.frontend.body import read_body
+from service.frontend.body import declared_length, read_body
 from service.frontend.oip import (
     EMBEDDING_OUTPUT,
     HEADER_LENGTH,
@@ -92,7 +92,7 @@ async def infer(
     manifest, engine, limits = frontend.manifest, frontend.engine, frontend.limits
     _check_name(name, manifest)
     height, width, channels = engine.ring.layout.pixel_shape
-    with engine.admitted():
+    with engine.admitted(declared_length(request)) as admission:
         body = await read_body(request, limits.max_bytes)
         if not body:
             raise BadRequest("empty inference request")
@@ -102,7 +102,7 @@ async def infer(
             if parsed.tensor is not None
             else [Upload(f"{IMAGE_INPUT}[{i}]", data) for i, data in enumerate(parsed.images)]
         )
-        answer = await engine.run(inputs, deadline=deadline, gone=partial(wait_for_disconnect, request))
+        answer = await engine.run(admission, inputs, deadline=deadline, gone=partial(wait_for_disconnect, request))
     values = {PROBABILITIES_OUTPUT: probabilities(answer.rows), EMBEDDING_OUTPUT: embeddings(answer.rows, False)}
     content, header_length = encode_infer_response(parsed, manifest.name, values, manifest.labels)
     headers = {HEADER_LENGTH: str(header_length)} if header_length is not None else None
