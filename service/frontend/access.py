@@ -25,11 +25,16 @@ def key_is_valid(presented: str, keys: list[str]) -> bool:
     return matched
 
 
-async def require_api_key(request: Request) -> None:
-    """FastAPI dependency: a no-op unless VIT_API_KEYS is set. Keys are never logged."""
+def check_api_key(request: Request) -> None:
+    """401 unless VIT_API_KEYS is empty or the request presents one of them. Keys are never logged."""
     keys = request.app.state.frontend.settings.api_key_list
     if not keys:
         return
     presented = presented_key(request)
     if presented is None or not key_is_valid(presented, keys):
         raise Unauthorized("a valid API key is required: Authorization: Bearer <key>, or X-API-Key: <key>")
+
+
+async def require_api_key(request: Request) -> None:
+    """The same check as a FastAPI dependency, for routes off the hot path (/metrics)."""
+    check_api_key(request)

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
-from service.errors import InvalidParameter
-from service.frontend.access import require_api_key
+from service.frontend import params
+from service.frontend.access import check_api_key
 from service.frontend.body import declared_length
 from service.frontend.engine_client import Answer
 from service.frontend.results import attention, predictions
-from service.frontend.routes.dependencies import Frontend, get_frontend, request_deadline, wait_for_disconnect
+from service.frontend.routes.dependencies import Frontend, wait_for_disconnect
 from service.frontend.schemas import ERROR_RESPONSES, ClassifyResponse
 from service.frontend.uploads import OPENAPI_REQUEST_BODY, read_uploads
 
-router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["classify"])
 
 
 def timing_headers(answer: Answer) -> dict[str, str]:
@@ -33,24 +32,23 @@ def timing_headers(answer: Answer) -> dict[str, str]:
     response_model=ClassifyResponse,
     response_model_exclude_none=True,
     responses=ERROR_RESPONSES,
-    openapi_extra={"requestBody": OPENAPI_REQUEST_BODY},
+    openapi_extra={
+        "requestBody": OPENAPI_REQUEST_BODY,
+        "parameters": [params.TOP_K, params.EXPLAIN, params.REQUEST_TIMEOUT],
+    },
     summary="Classify one or more images",
     description="Send images as repeatable multipart `file` parts, as a raw image body, or as JSON base64. "
     "Returns the top-k labels per image with softmax scores. Timing headers: X-Preprocess-Time-Ms, "
     "X-Queue-Time-Ms, X-Inference-Time-Ms. With explain=true each result also carries where the [class] token "
     "looked: attention grids over the patches, a heat-map PNG, and the attention's share per kind of token.",
 )
-async def classify(
-    request: Request,
-    frontend: Annotated[Frontend, Depends(get_frontend)],
-    deadline: Annotated[float, Depends(request_deadline)],
-    top_k: Annotated[int | None, Query(ge=1, description="labels per image (default VIT_DEFAULT_TOP_K)")] = None,
-    explain: Annotated[bool, Query(description="also return where the [class] token looked")] = False,
-) -> Response:
+async def classify(request: Request) -> Response:
+    frontend: Frontend = request.app.state.frontend
+    check_api_key(request)
     manifest, engine = frontend.manifest, frontend.engine
-    k = top_k or min(frontend.settings.default_top_k, manifest.num_classes)
-    if k > manifest.num_classes:
-        raise InvalidParameter(f"top_k must be between 1 and {manifest.num_classes}, the number of classes")
+    k = params.top_k(request, manifest.num_classes, frontend.settings.default_top_k)
+    explain = params.flag(request, "explain")
+    deadline = params.deadline(request, frontend.settings)
     with engine.admitted(declared_length(request)) as admission:
         uploads = await read_uploads(request, frontend.limits)
         answer = await engine.run(

@@ -1,17 +1,14 @@
-"""What the routes get per request: the front-end's state (built once by create_app) and the
-request's deadline; no module-level globals.
+"""What the routes get per request: the front-end's state, built once by create_app; no module-level globals.
 
-Async: FastAPI runs plain `def` dependencies in a thread pool, a hand-off per request that these
-attribute reads do not need. One state object instead of one dependency per attribute: each
-dependency costs FastAPI a resolution on every request."""
+Async: FastAPI runs plain `def` dependencies in a thread pool, a hand-off per request that this
+attribute read does not need. The inference routes read `request.app.state.frontend` directly
+(see params.py for why)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Request
 
 from model_export.manifest import Manifest
 from service.frontend.body import BodyLimits
@@ -36,17 +33,6 @@ class Frontend:
 
 async def get_frontend(request: Request) -> Frontend:
     return request.app.state.frontend
-
-
-async def request_deadline(
-    frontend: Annotated[Frontend, Depends(get_frontend)],
-    x_request_timeout: Annotated[
-        float | None, Header(gt=0, description="seconds this client will wait; capped by VIT_REQUEST_TIMEOUT_S")
-    ] = None,
-) -> float:
-    """time.monotonic() by which the answer is due (the engine, in another process, reads the same clock)."""
-    limit = frontend.settings.request_timeout_s
-    return time.monotonic() + min(x_request_timeout or limit, limit)
 
 
 async def wait_for_disconnect(request: Request) -> None:

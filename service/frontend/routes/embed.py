@@ -4,37 +4,36 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
-from service.frontend.access import require_api_key
+from service.frontend import params
+from service.frontend.access import check_api_key
 from service.frontend.body import declared_length
 from service.frontend.results import embeddings
 from service.frontend.routes.classify import timing_headers
-from service.frontend.routes.dependencies import Frontend, get_frontend, request_deadline, wait_for_disconnect
+from service.frontend.routes.dependencies import Frontend, wait_for_disconnect
 from service.frontend.schemas import ERROR_RESPONSES, EmbedResponse
 from service.frontend.uploads import OPENAPI_REQUEST_BODY, read_uploads
 
-router = APIRouter(tags=["embed"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["embed"])
 
 
 @router.post(
     "/embed",
     response_model=EmbedResponse,
     responses=ERROR_RESPONSES,
-    openapi_extra={"requestBody": OPENAPI_REQUEST_BODY},
+    openapi_extra={"requestBody": OPENAPI_REQUEST_BODY, "parameters": [params.NORMALIZE, params.REQUEST_TIMEOUT]},
     summary="Embed one or more images",
     description="The same inputs, limits and batching as /classify. Returns each image's final [class]-token "
     "vector (after the final norm, before the head): the image's digest, for search, deduplication and "
     "clustering. normalize=true scales each to unit L2 norm, so that dot products are cosine similarities.",
 )
-async def embed(
-    request: Request,
-    frontend: Annotated[Frontend, Depends(get_frontend)],
-    deadline: Annotated[float, Depends(request_deadline)],
-    normalize: Annotated[bool, Query(description="scale each embedding to unit L2 norm")] = False,
-) -> Response:
+async def embed(request: Request) -> Response:
+    frontend: Frontend = request.app.state.frontend
+    check_api_key(request)
+    normalize = params.flag(request, "normalize")
+    deadline = params.deadline(request, frontend.settings)
     engine = frontend.engine
     with engine.admitted(declared_length(request)) as admission:
         uploads = await read_uploads(request, frontend.limits)

@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 
 from model_export.manifest import EMBEDDING_NAME, Manifest
 from service.errors import BadRequest, ModelNotFound
-from service.frontend.access import require_api_key
+from service.frontend import params
+from service.frontend.access import check_api_key
 from service.frontend.body import declared_length, read_body
 from service.frontend.oip import (
     EMBEDDING_OUTPUT,
@@ -22,7 +23,7 @@ from service.frontend.oip import (
     parse_infer_request,
 )
 from service.frontend.results import embeddings, probabilities
-from service.frontend.routes.dependencies import Frontend, get_frontend, request_deadline, wait_for_disconnect
+from service.frontend.routes.dependencies import Frontend, get_frontend, wait_for_disconnect
 from service.frontend.schemas import ERROR_RESPONSES, MODEL_NOT_FOUND
 from service.frontend.uploads import Upload
 
@@ -73,24 +74,22 @@ async def model_ready(name: str, frontend: Annotated[Frontend, Depends(get_front
 
 @router.post(
     "/models/{name}/infer",
-    dependencies=[Depends(require_api_key)],
     responses={**ERROR_RESPONSES, **MODEL_NOT_FOUND},
     summary="Inference: encoded images (BYTES) or preprocessed tensors (FP32)",
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": {"type": "object", "required": ["inputs"]}}},
-        }
+        },
+        "parameters": [params.REQUEST_TIMEOUT],
     },
 )
-async def infer(
-    name: str,
-    request: Request,
-    frontend: Annotated[Frontend, Depends(get_frontend)],
-    deadline: Annotated[float, Depends(request_deadline)],
-) -> Response:
+async def infer(name: str, request: Request) -> Response:
+    frontend: Frontend = request.app.state.frontend
+    check_api_key(request)
     manifest, engine, limits = frontend.manifest, frontend.engine, frontend.limits
     _check_name(name, manifest)
+    deadline = params.deadline(request, frontend.settings)
     height, width, channels = engine.ring.layout.pixel_shape
     with engine.admitted(declared_length(request)) as admission:
         body = await read_body(request, limits.max_bytes)
