@@ -18,7 +18,6 @@ import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,7 @@ from service.errors import (
     ServiceError,
 )
 from service.frontend.decode import Decoder
+from service.frontend.decode_pool import DecodePool
 from service.frontend.uploads import Upload
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
@@ -140,7 +140,7 @@ class EngineClient:
         self._bytes_per_image: float | None = None  # of the bodies read so far, a moving average
         self._in_engine: dict[int, _Request | None] = {}  # None: an orphan, freed on its DONE
         self._requests: set[_Request] = set()
-        self._decode_pool = ThreadPoolExecutor(settings.resolved_preprocess_threads(), thread_name_prefix="decode")
+        self._decode_pool = DecodePool(settings.resolved_preprocess_threads())
         self._sock: socket.socket | None = None
         self._connection: asyncio.Task[None] | None = None
         self._welcomed = asyncio.Event()
@@ -272,7 +272,7 @@ class EngineClient:
                 await self._connection
         if self._sock is not None:
             self._sock.close()
-        self._decode_pool.shutdown(wait=True)
+        self._decode_pool.shutdown()
 
     # --- admission -------------------------------------------------------------------------
 
@@ -396,11 +396,10 @@ class EngineClient:
     async def _fill(self, inputs: Sequence[Upload | np.ndarray], slots: list[int]) -> float:
         """Write every input into its slot; the slowest decode's seconds. Every decode finishes
         before this returns or raises: a slot is never freed while a thread still writes it."""
-        loop = asyncio.get_running_loop()
         jobs = []
         for item, slot in zip(inputs, slots, strict=True):
             if isinstance(item, Upload):
-                jobs.append(loop.run_in_executor(self._decode_pool, self._decode, item, slot))
+                jobs.append(self._decode_pool.submit(self._decode, item, slot))
             else:
                 self.ring.tensors[self.ring.tensor_index(slot)] = item
         everything = asyncio.gather(*jobs, return_exceptions=True)

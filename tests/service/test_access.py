@@ -6,6 +6,7 @@ import re
 import pytest
 
 from bench.server import run_server
+from tests.conftest import wait_for
 
 KEYS = "k1-a8f3e0c4d2,k2-77b19e5a01"
 
@@ -60,6 +61,7 @@ def test_request_ids_are_echoed_generated_and_logged_without_image_bytes(server,
     assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
     odd = client.get("/v1/models", headers={"X-Request-ID": "bad id\twith spaces"})
     assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
+    wait_for(lambda: "trace-42.a" in server.log)  # log lines are written in batches, a moment later
     entries = [json.loads(line) for line in server.log.splitlines() if line.startswith("{")]
     (access,) = [e for e in entries if e.get("request_id") == "trace-42.a"]
     assert access["route"] == "/classify" and access["status"] == 200 and access["duration_ms"] > 0
