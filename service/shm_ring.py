@@ -27,6 +27,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -227,20 +228,18 @@ def parse_welcome(message: bytes) -> bytes:
     return message[_HEAD.size :]
 
 
+def _records(message: bytes, record: struct.Struct) -> Iterator[tuple[Any, ...]]:
+    _, _, count = _HEAD.unpack_from(message)
+    return record.iter_unpack(message[_HEAD.size : _HEAD.size + count * record.size])
+
+
 def parse_submit(message: bytes) -> tuple[Graph, list[tuple[int, float]]]:
-    _, graph, count = _HEAD.unpack_from(message)
-    return Graph(graph), [_SUBMITTED.unpack_from(message, _HEAD.size + i * _SUBMITTED.size) for i in range(count)]
+    return Graph(message[1]), list(_records(message, _SUBMITTED))
 
 
 def parse_cancel(message: bytes) -> list[int]:
-    _, _, count = _HEAD.unpack_from(message)
-    return [_CANCELLED.unpack_from(message, _HEAD.size + i * _CANCELLED.size)[0] for i in range(count)]
+    return [slot for (slot,) in _records(message, _CANCELLED)]
 
 
 def parse_done(message: bytes) -> list[Done]:
-    _, _, count = _HEAD.unpack_from(message)
-    records = []
-    for i in range(count):
-        slot, status, batch_size, wait, inference = _DONE.unpack_from(message, _HEAD.size + i * _DONE.size)
-        records.append(Done(slot, Status(status), batch_size, wait, inference))
-    return records
+    return [Done(slot, Status(status), size, wait, run) for slot, status, size, wait, run in _records(message, _DONE)]

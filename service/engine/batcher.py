@@ -11,7 +11,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -20,7 +20,7 @@ class Item:
     slot: int
     deadline: float  # time.monotonic() seconds
     tensor: bool  # an already-normalised FP32 row, not uint8 pixels
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float  # time.monotonic() when it joined the queue
 
 
 class Batcher:

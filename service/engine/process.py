@@ -130,10 +130,9 @@ class Engine:
         frontend.send(welcome(json.dumps(self.info()).encode()))
         try:
             while message := sock.recv(MAX_MESSAGE):
-                kind = kind_of(message)
-                if kind == Kind.SUBMIT:
+                if message[0] == Kind.SUBMIT:
                     self._submit(frontend, *parse_submit(message))
-                elif kind == Kind.CANCEL:
+                elif message[0] == Kind.CANCEL:
                     self._cancel(frontend, set(parse_cancel(message)))
         except OSError:
             pass
@@ -167,16 +166,19 @@ class Engine:
 
     def _submit(self, frontend: FrontEnd, graph: Graph, slots: list[tuple[int, float]]) -> None:
         runner = self.runners.get(graph)
-        owned = [slot for slot, _ in slots if self.layout.partition_of(slot) == frontend.partition]
-        if runner is None or len(owned) != len(slots):
+        images, tensors = (
+            self.layout.image_slot_ids(frontend.partition),
+            self.layout.tensor_slot_ids(frontend.partition),
+        )
+        if runner is None or not all(slot in images or slot in tensors for slot, _ in slots):
             # A front-end that breaks the contract is a bug: refuse loudly rather than touch others' slots.
             logger.error("front-end %d sent an invalid SUBMIT (graph %s, slots %s)", frontend.partition, graph, slots)
             frontend.sock.shutdown(socket.SHUT_RDWR)
             return
         with self._lock:
             frontend.in_engine += len(slots)
-        first_tensor = self.layout.total_images
-        runner.batcher.put([Item(frontend, slot, deadline, slot >= first_tensor) for slot, deadline in slots])
+        now = time.monotonic()
+        runner.batcher.put([Item(frontend, slot, deadline, slot in tensors, now) for slot, deadline in slots])
 
     def _cancel(self, frontend: FrontEnd, slots: set[int]) -> None:
         removed = []

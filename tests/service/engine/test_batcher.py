@@ -7,7 +7,8 @@ from service.engine.batcher import Batcher, Item
 
 
 def _items(owner, slots, deadline_s=5.0):
-    return [Item(owner, slot, time.monotonic() + deadline_s, tensor=False) for slot in slots]
+    now = time.monotonic()
+    return [Item(owner, slot, now + deadline_s, tensor=False, enqueued=now) for slot in slots]
 
 
 def _batcher(max_batch_size=4, max_wait_s=0.0):
