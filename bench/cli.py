@@ -311,6 +311,14 @@ def soak_command(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
+def add_trivial_graph_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the benches that measure the host around a graph that costs nothing."""
+    parser.add_argument("--model", type=Path, help="exported model folder (default: a trivial graph, ViT-B's input)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--upload-side", type=int, default=248, help="side of the square uploaded JPEG")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the trivial model")
+
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
@@ -350,20 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     again.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for models, JSON, PNG, summary")
     again.set_defaults(run=reproduce_command)
     host = commands.add_parser("host-path", help="server CPU per request around a trivial graph, by front-end count")
-    host.add_argument("--model", type=Path, help="exported model folder (default: a trivial graph, ViT-B's input)")
+    add_trivial_graph_options(host)
     host.add_argument("--frontends", default="1,2,4", help="comma-separated VIT_FRONTEND_PROCESSES to try")
     host.add_argument("--concurrency", default="1,64", help="comma-separated client counts")
-    host.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    host.add_argument("--upload-side", type=int, default=248, help="side of the square uploaded JPEG")
-    host.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the trivial model")
     host.set_defaults(run=host_path_command)
     alone = commands.add_parser("engine", help="the engine alone, fed as fast as possible: its CPU per image")
-    alone.add_argument("--model", type=Path, help="exported model folder (default: a trivial graph, ViT-B's input)")
+    add_trivial_graph_options(alone)
     alone.add_argument("--in-flight", default="64,256", help="comma-separated one-image requests kept in the engine")
     alone.add_argument("--max-batch-size", default="8,64", help="comma-separated VIT_MAX_BATCH_SIZE to try")
-    alone.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    alone.add_argument("--upload-side", type=int, default=248, help="side of the decoded JPEG")
-    alone.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the trivial model")
     alone.set_defaults(run=engine_command)
     peers = commands.add_parser(
         "peers", help="the service beside LitServe, BentoML, Ray Serve, PyTriton and mosec on the same graph"

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     def resolved_frontends(self) -> int:
         if self.frontend_processes != "auto":
             return max(1, self.frontend_processes)
-        # One per core, at most 8: measured by `vit-bench frontends`.
+        # One per core, at most 8: measured by `vit-bench host-path`.
         return min(available_cores(), 8)
 
     def image_slots_per_frontend(self) -> int:
