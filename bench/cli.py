@@ -75,6 +75,10 @@ def print_result(result: BenchResult) -> None:
         )
     if result.skipped_levels:
         print(f"skipped concurrency {result.skipped_levels}: a round trip would exceed half the window")
+    levels = {r.concurrency for r in result.http}
+    for system in ("service", "baseline"):
+        if unmeasured := sorted(levels - {r.concurrency for r in result.http if r.system == system}):
+            print(f"{system}: no answer finished inside the window at concurrency {unmeasured}: not measured")
     ratios = result.ratios()
     print(f"service / limit:    {ratios['service_over_limit']:.2f}x")
     print(f"service / baseline: {ratios['service_over_baseline']:.2f}x")

@@ -110,7 +110,11 @@ def timed_windows(
     """Closed-loop load at each level, from a load generator in its own process (its Python work is
     not the server's); figures from the requests that finish inside a `seconds` window opened once
     the loop has had a round trip to settle (about clients / limit). `sample` is read as the window
-    opens and as it closes."""
+    opens and as it closes.
+
+    A level at which every request was answered but none inside the window (a system far slower
+    than the limit) ends the measurement: it would read as 0 images/s, and the levels above as
+    worse, from a system that did answer."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         pool.apply(wire_closed_loop, (url, request, 2, 1.0))  # warm the path
         for clients in levels:
@@ -123,7 +127,10 @@ def timed_windows(
             outcomes = pending.get()
             opened = min((o.started for o in outcomes), default=0.0) + settle_s
             ok = [o for o in outcomes if o.status == 200 and opened <= o.started + o.latency_s <= opened + seconds]
-            yield Window(clients, ok, sum(o.status != 200 for o in outcomes), spent)
+            errors = sum(o.status != 200 for o in outcomes)
+            if not ok and not errors:
+                return
+            yield Window(clients, ok, errors, spent)
 
 
 def measure_http(
