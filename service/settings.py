@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -112,8 +111,3 @@ class Settings(BaseSettings):
     def image_slots_per_frontend(self) -> int:
         """Each front-end admits its share of max_queue_images, and at least one full request."""
         return max(-(-self.max_queue_images // self.resolved_frontends()), self.max_images_per_request)
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

@@ -90,11 +90,6 @@ class RingLayout:
     def is_tensor(self, slot: int) -> bool:
         return slot >= self.total_images
 
-    def partition_of(self, slot: int) -> int:
-        if slot < self.total_images:
-            return slot // self.image_slots
-        return (slot - self.total_images) // self.tensor_slots
-
     def _regions(self) -> tuple[int, int, int, int]:
         """Byte offsets of the pixels, tensors and outputs regions, and the file's size."""
         pixels = self.total_images * int(np.prod(self.pixel_shape))

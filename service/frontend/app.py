@@ -47,9 +47,7 @@ def create_app(
         try:
             yield
         finally:
-            lifecycle.begin_drain()
-            engine.fail_waiting()
-            if not await lifecycle.wait_idle(settings.drain_grace_s):
+            if not await engine.drain(settings.drain_grace_s):
                 logger.warning(
                     "drain grace of %.1f s passed with %d requests in flight",
                     settings.drain_grace_s,

@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,18 @@ class EngineInfo:
 
     def has(self, graph: Graph) -> bool:
         return graph.name.lower() in self.rows
+
+    @cached_property
+    def spans(self) -> dict[str, list[tuple[str, int, int, tuple[int, ...]]]]:
+        """Per graph, where each output lies in a slot's row: (name, start, stop, per-image shape)."""
+        spans: dict[str, list[tuple[str, int, int, tuple[int, ...]]]] = {}
+        for graph, outputs in self.rows.items():
+            spans[graph], start = [], 0
+            for name, shape in outputs:
+                stop = start + math.prod(shape)
+                spans[graph].append((name, start, stop, shape))
+                start = stop
+        return spans
 
     def row_shape(self, output: str, graph: Graph = Graph.PLAIN) -> tuple[int, ...]:
         return dict(self.rows[graph.name.lower()])[output]
@@ -241,9 +254,16 @@ class EngineClient:
                 if request.engines_lost > 1:
                     request.fail(InferenceFailed("the engine stopped twice while this request's images were in it"))
         if self.lifecycle.draining:
-            self.fail_waiting()
+            self._fail_waiting()
 
-    def fail_waiting(self) -> None:
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new work, answer what waits for an engine that will not come back, and wait for
+        the rest; False if grace_s passed with requests still in flight."""
+        self.lifecycle.begin_drain()
+        self._fail_waiting()
+        return await self.lifecycle.wait_idle(grace_s)
+
+    def _fail_waiting(self) -> None:
         """While draining no engine comes back: whatever still waits for one is answered now."""
         if not self.connected:
             for request in self._requests:
@@ -449,11 +469,11 @@ class EngineClient:
 
     def _read(self, request: _Request, decode_s: float, with_pixels: bool) -> Answer:
         assert self.info is not None
-        layout = self._row_layout(request.graph)
+        spans = self.info.spans[request.graph.name.lower()]
         rows = []
         for slot in request.slots:
             row = self.ring.outputs[slot]
-            rows.append({name: row[start:stop].reshape(shape).copy() for name, start, stop, shape in layout})
+            rows.append({name: row[start:stop].reshape(shape).copy() for name, start, stop, shape in spans})
         pixels = [self.ring.pixels[slot].copy() for slot in request.slots] if with_pixels else None
         done = list(request.done.values())
         return Answer(
@@ -463,15 +483,6 @@ class EngineClient:
             max(record.queue_wait_s for record in done),
             max(record.inference_s for record in done),
         )
-
-    def _row_layout(self, graph: Graph) -> list[tuple[str, int, int, tuple[int, ...]]]:
-        assert self.info is not None
-        spans, start = [], 0
-        for name, shape in self.info.rows[graph.name.lower()]:
-            stop = start + math.prod(shape)
-            spans.append((name, start, stop, shape))
-            start = stop
-        return spans
 
     def _give_back(self, request: _Request) -> None:
         """Free what is ours; what is still in the engine becomes an orphan, cancelled there."""

@@ -36,13 +36,6 @@ class Attention:
     token_shares: dict[str, float]
 
 
-@dataclass(frozen=True)
-class Classification:
-    filename: str
-    predictions: list[Prediction]
-    attention: Attention | None = None
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)

@@ -56,10 +56,8 @@ class DrainingServer(uvicorn.Server):
             self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
-        lifecycle = self.engine.lifecycle
-        self.engine.fail_waiting()
-        logger.info("draining: %d request(s) in flight, grace %.1f s", lifecycle.in_flight, self.grace_s)
-        drained = await lifecycle.wait_idle(self.grace_s)
+        logger.info("draining: %d request(s) in flight, grace %.1f s", self.engine.lifecycle.in_flight, self.grace_s)
+        drained = await self.engine.drain(self.grace_s)
         logger.info("drained" if drained else "drain grace passed; exiting with requests in flight")
         self.should_exit = True
 
