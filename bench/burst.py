@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.load import multipart_upload
-from bench.server import run_server
+from bench.load import multipart_upload, read_answer
+from bench.server import ServerProcess, run_server
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,7 @@ async def _post(host: str, port: int, request: bytes) -> int:
     try:
         writer.write(request)
         await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        length = next(int(v) for k, _, v in (line.partition(":") for line in lines) if k.lower() == "content-length")
-        await reader.readexactly(length)
-        return int(lines[0].split()[1])
+        return await read_answer(reader)
     except (ConnectionError, asyncio.IncompleteReadError):
         return 0
     finally:
@@ -58,15 +54,22 @@ def _deciles(values: list[float]) -> tuple[float, float, float]:
 
 def run_burst(model_dir: Path, image: bytes, clients: int, images_per_request: int, rounds: int) -> list[Round]:
     """Each round from an idle server; the first is also its first traffic (a cold start)."""
-    results = []
     with run_server(model_dir) as server:
         request = multipart_upload(server.url, "/classify", [image] * images_per_request)
-        for _ in range(rounds):
-            logged = len(server.lines)
-            statuses = asyncio.run(_burst(server.url, request, clients))
-            time.sleep(1.0)  # let the admitted work finish, and its access log lines arrive
-            results.append(_round(statuses, server.lines[logged:]))
+        results = burst_rounds(server, request, clients, rounds)
         server.stop()
+    return results
+
+
+def burst_rounds(server: ServerProcess, request: bytes, clients: int, rounds: int, pause_s: float = 0.0) -> list[Round]:
+    """`rounds` bursts of `clients` posting `request` at once to a running server, `pause_s` apart."""
+    results = []
+    for _ in range(rounds):
+        logged = len(server.lines)
+        statuses = asyncio.run(_burst(server.url, request, clients))
+        time.sleep(1.0)  # let the admitted work finish, and its access log lines arrive
+        results.append(_round(statuses, server.lines[logged:]))
+        time.sleep(pause_s)
     return results
 
 

@@ -85,19 +85,23 @@ def multipart_upload(url: str, path: str, images: list[bytes], content_type: str
     return head.encode() + body
 
 
+async def read_answer(reader: asyncio.StreamReader) -> int:
+    """One HTTP/1.1 answer with a Content-Length, read whole; its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(v) for k, _, v in (line.partition(":") for line in lines) if k.lower() == "content-length")
+    await reader.readexactly(length)
+    return int(lines[0].split()[1])
+
+
 async def _send_until(host: str, port: int, request: bytes, stop_at: float, outcomes: list[Outcome]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while (now := time.monotonic()) < stop_at:
             started = time.perf_counter()
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            length = next(
-                int(v) for k, _, v in (line.partition(":") for line in lines) if k.lower() == "content-length"
-            )
-            await reader.readexactly(length)
-            outcomes.append(Outcome(now, int(lines[0].split()[1]), time.perf_counter() - started))
+            status = await read_answer(reader)
+            outcomes.append(Outcome(now, status, time.perf_counter() - started))
     finally:
         writer.close()
 

@@ -39,7 +39,8 @@ class Layout:
     images_per_s: float
 
 
-def _session(model: Path | bytes, threads: int, provider: str) -> ort.InferenceSession:
+def open_session(model: Path | bytes, threads: int, provider: str) -> ort.InferenceSession:
+    """One session with one inter-op thread, on `provider` or refused: onnxruntime may fall back quietly."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -81,7 +82,7 @@ def runs_per_second(
     device_input: bool = False,
 ) -> float:
     """Each session runs `feeds` back to back in its own thread for `seconds`; runs per second overall."""
-    runners = [_runner(_session(model, threads, provider), feeds, device_input) for _ in range(sessions)]
+    runners = [_runner(open_session(model, threads, provider), feeds, device_input) for _ in range(sessions)]
     for run in runners:
         run()  # warm-up
     counts = [0] * sessions
@@ -147,7 +148,7 @@ def lone_latency_ms(
 ) -> float:
     """Median time of one image through one session with nothing else running: the floor under
     the service's latency at concurrency 1."""
-    run = _runner(_session(onnx_path, threads, provider), model_feeds(1, pixel_shape), device_input=False)
+    run = _runner(open_session(onnx_path, threads, provider), model_feeds(1, pixel_shape), device_input=False)
     run()
     times = []
     for _ in range(runs):

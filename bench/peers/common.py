@@ -16,15 +16,15 @@ from pathlib import Path
 from types import FrameType
 
 import numpy as np
-import onnxruntime as ort
 
+from bench.raw_limit import open_session
 from model_export.manifest import Manifest
+from service.engine.runtime import CPU, CUDA
 from service.frontend.decode import Decoder
+from service.frontend.results import softmax
 from service.settings import Settings
 
 TOP_K = 5  # the service's default_top_k
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 BOUNDARY_LINE_END = b"\r\n"
 
 
@@ -67,19 +67,6 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _session(onnx_path: Path, device: str) -> ort.InferenceSession:
-    """One session with the service's options: one intra-op and one inter-op thread on CPU."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = [CUDA, CPU] if device == "cuda" else [CPU]
-    session = ort.InferenceSession(str(onnx_path), options, providers=providers)
-    if session.get_providers()[0] != providers[0]:
-        raise RuntimeError(f"onnxruntime runs on {session.get_providers()[0]}, not {providers[0]}")
-    return session
-
-
 def decoder_for(manifest: Manifest) -> Decoder:
     """The service's decoder with the service's default pixel limit."""
     return Decoder(manifest.preprocessing, Settings.model_fields["max_image_pixels"].default)
@@ -100,7 +87,8 @@ class OnnxClassifier:
         self.manifest = Manifest.read(model_dir)
         prep = self.manifest.preprocessing
         self.decoder = decoder_for(self.manifest)
-        self.session = _session(model_dir / self.manifest.onnx_file, device)
+        # As the service lays its sessions out: one intra-op thread each.
+        self.session = open_session(model_dir / self.manifest.onnx_file, 1, CUDA if device == "cuda" else CPU)
         self.on_cuda = device == "cuda"
         self.no_tensors = np.empty((0, prep.channels, prep.image_size, prep.image_size), dtype=np.float32)
         self.logits(np.zeros((1, *self.decoder.shape), dtype=np.uint8))  # warm-up
@@ -125,8 +113,7 @@ class OnnxClassifier:
     def top_k(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, classes) logits -> class ids (B, k) and softmax scores (B, k), highest first."""
         k = min(TOP_K, logits.shape[-1])
-        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+        probabilities = softmax(logits)
         ids = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
         return ids, np.take_along_axis(probabilities, ids, axis=-1)
 
@@ -141,6 +128,13 @@ class OnnxClassifier:
 
     def classify(self, pixels: np.ndarray) -> list[list[dict[str, object]]]:
         return self.predictions(self.logits(pixels))
+
+    def classify_requests(self, requests: list[np.ndarray]) -> list[dict[str, object]]:
+        """One forward pass for a batch of requests, each holding its own number of images; each
+        request's response body."""
+        predictions = self.classify(np.concatenate(requests))
+        bounds = np.cumsum([0] + [len(pixels) for pixels in requests])
+        return [results(predictions[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def results(predictions: list[list[dict[str, object]]]) -> dict[str, object]:

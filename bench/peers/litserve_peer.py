@@ -22,7 +22,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 
 from bench.peers import CLASSIFY_PATH, Peer, multipart_request, results_top1
-from bench.peers.common import OnnxClassifier, ServeArgs, parse_serve_args, results
+from bench.peers.common import OnnxClassifier, ServeArgs, parse_serve_args
 
 BATCH_TIMEOUT_S = 0.010
 
@@ -45,9 +45,7 @@ class ViTAPI(ls.LitAPI):
         return inputs  # requests carry different numbers of images: predict splits the rows back
 
     def predict(self, requests: list[np.ndarray]) -> list[dict[str, object]]:
-        predictions = self.model.classify(np.concatenate(requests))
-        bounds = np.cumsum([0] + [len(pixels) for pixels in requests])
-        return [results(predictions[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        return self.model.classify_requests(requests)
 
     def unbatch(self, outputs: list[dict[str, object]]) -> list[dict[str, object]]:
         return outputs

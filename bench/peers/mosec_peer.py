@@ -27,7 +27,6 @@ from bench.peers.common import (
     decoder_for,
     multipart_files,
     parse_serve_args,
-    results,
 )
 from model_export.manifest import Manifest
 from service.settings import available_cores
@@ -55,9 +54,7 @@ class Infer(Worker):
         self.model = OnnxClassifier(Path(os.environ[ENV_MODEL]), os.environ[ENV_DEVICE])
 
     def forward(self, requests: list[np.ndarray]) -> list[dict[str, object]]:
-        predictions = self.model.classify(np.concatenate(requests))
-        bounds = np.cumsum([0] + [len(pixels) for pixels in requests])
-        return [results(predictions[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        return self.model.classify_requests(requests)
 
 
 def describe(workers: int, max_batch_size: int, device: str) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import onnxruntime as ort
@@ -125,7 +126,7 @@ def kill_survivors(pids: list[int], wait_s: float = 10) -> list[int]:
     return survivors
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[Any]) -> None:
     """SIGTERM the root and give it the grace to stop its own processes; then kill what is left
     of its tree and of its session (Ray's raylet and GCS, workers that outlived their parent)."""
     tree = process_tree(process.pid)
@@ -262,10 +263,7 @@ def run_peers(
         "max_queue_images": queue,
         "max_batch_size": max_batch,
     }
-    with run_server(
-        model_dir, providers=device, require_requested_provider=True, max_queue_images=queue, max_batch_size=max_batch
-    ) as server:
-        tree = process_tree(server.process.pid)
+    with run_server(model_dir, None, **settings) as server:
         try:
             service = Peer(SERVICE, "vit-serve", "service.cli", multipart_request, results_top1, lambda *_: "")
             reference = top1_of(server.url, service, gate, images_per_request)
@@ -273,8 +271,7 @@ def run_peers(
             result.systems.append(System(SERVICE, _version("vit-serve"), f"its defaults, and {words}"))
             result.levels += timing(server.url, multipart_request, SERVICE, server.process.pid)
         finally:
-            server.stop()
-            kill_survivors(tree[1:] + process_tree(server.process.pid))
+            stop(server.process)
 
     for entry in ENTRIES:
         if only and entry.name not in only:

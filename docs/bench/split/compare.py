@@ -11,7 +11,6 @@ and ViT-Ti/16 and ViT-B/16 with random weights, each exported by its own design'
 (p50 at c=1, and images/s under load). `python -m service.cli` runs from a scratch folder, so
 that it imports the design under test."""
 
-import asyncio
 import json
 import os
 import statistics
@@ -21,22 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.burst import _burst, _deciles
+from bench.burst import burst_rounds
 from bench.cli import _photo_jpeg
 from bench.cpu import process_tree_cpu_seconds
 from bench.host_path import trivial_model
 from bench.load import multipart_upload, wire_closed_loop
-from bench.server import ServerProcess, run_uvicorn_process
+from bench.server import ServerProcess, run_server
 
 CHECKOUT = Path(__file__).resolve().parents[3]
 IMAGE = _photo_jpeg("astronaut", (248, 248))
 # name: (vit-export preset, the two concurrency levels measured)
 VITS = {"vit-ti": ("vit_tiny_patch16_224", (1, 16)), "vit-b": ("vit_base_patch16_224", (1, 4))}
-
-
-def serve(env: dict[str, str], model: Path):
-    command = ["-m", "service.cli", "--model", str(model), "--host", "127.0.0.1", "--port", "0"]
-    return run_uvicorn_process(command, env)
 
 
 def export_vit(env: dict[str, str], preset: str, folder: Path) -> Path:
@@ -60,23 +54,10 @@ def load(server: ServerProcess, clients: int, seconds: float = 6.0) -> dict[str,
     }
 
 
-def bursts(server: ServerProcess, rounds: int = 3) -> list[dict[str, object]]:
+def bursts(server: ServerProcess) -> list[dict[str, object]]:
     request = multipart_upload(server.url, "/classify", [IMAGE] * 32)
-    out = []
-    for _ in range(rounds):
-        seen = len(server.lines)
-        statuses = asyncio.run(_burst(server.url, request, 96))
-        time.sleep(1.0)  # the last access-log lines
-        refusals = [
-            json.loads(line)["duration_ms"]
-            for line in server.lines[seen:]
-            if line.startswith("{") and '"status": 429' in line
-        ]
-        out.append(
-            {"statuses": {s: statuses.count(s) for s in set(statuses)}, "refusal_ms_p10_p50_p90": _deciles(refusals)}
-        )
-        time.sleep(2.0)
-    return out
+    rounds = burst_rounds(server, request, clients=96, rounds=3, pause_s=2.0)
+    return [{"statuses": r.by_status, "refusal_ms_p10_p50_p90": r.refusal_ms} for r in rounds]
 
 
 def main(before: Path, out: Path, work: Path) -> None:
@@ -100,15 +81,15 @@ def main(before: Path, out: Path, work: Path) -> None:
     for _ in range(2):
         for design, (env, trivial, default) in designs.items():
             figures: dict[str, object] = {}
-            with serve(env, trivial) as server:
+            with run_server(trivial, env) as server:
                 for clients in (1, 64):
                     figures[f"trivial c={clients}"] = load(server, clients)
-            with serve(env, default) as server:
+            with run_server(default, env) as server:
                 for clients in (4, 16, 64):
                     figures[f"default c={clients}"] = load(server, clients)
                 figures["burst"] = bursts(server)
             for name, (_, levels) in VITS.items():
-                with serve(env, vits[name, design]) as server:
+                with run_server(vits[name, design], env) as server:
                     for clients in levels:
                         figures[f"{name} c={clients}"] = load(server, clients, seconds=10.0)
             print(design, json.dumps(figures), flush=True)
