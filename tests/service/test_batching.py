@@ -2,11 +2,19 @@
 
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
+from bench.host_path import trivial_model
 from bench.server import run_server
-from tests.conftest import metric, wait_for
+from tests.conftest import encode, metric, wait_for
+
+POISON = 200  # a pixel value the poisoned graph cannot index: onnxruntime fails the whole batch holding it
 
 
 def _classify(client, data: bytes, count: int = 1, **headers):
@@ -117,4 +125,42 @@ def test_requested_cuda_on_a_cpu_machine_is_caught(strict, samples):
         assert model["requested_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
         assert model["provider"] == "CPUExecutionProvider"
         assert "CUDA was requested" in server.log
+        assert server.stop() == 0
+
+
+def _poisoned_model(folder: Path) -> Path:
+    """The host-path bench's trivial graph, with its first pixel read through a 128-entry table:
+    a batch holding a brighter image fails in onnxruntime (index out of bounds), as a real fault would."""
+    trivial_model(folder)
+    model = onnx.load(folder / "model.onnx")
+    (cast,) = [node for node in model.graph.node if node.op_type == "Cast" and node.input[0] == "first_pixel"]
+    position = list(model.graph.node).index(cast)
+    model.graph.node.remove(cast)
+    model.graph.node.insert(position, helper.make_node("Cast", ["first_pixel"], ["index"], to=TensorProto.INT64))
+    model.graph.node.insert(position + 1, helper.make_node("Gather", ["table", "index"], ["pixel_value"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(128, dtype=np.float32), "table"))
+    onnx.save(model, folder / "model.onnx")
+    return folder
+
+
+def test_a_failed_batch_fails_only_its_own_requests(tmp_path):
+    def grey(value: int) -> bytes:
+        return encode(Image.new("RGB", (248, 248), (value,) * 3), "PNG")
+
+    def post(value: int):
+        return client.post("/classify", content=grey(value), headers={"content-type": "image/png"})
+
+    # Batches of two, the first image waiting for company: three requests at once make one batch
+    # of two and one alone, whichever order they arrive in.
+    with run_server(_poisoned_model(tmp_path / "poisoned"), max_batch_size=2, max_wait_ms=1000) as server:
+        with server.client() as client, ThreadPoolExecutor(3) as pool:
+            good, poisoned, other = pool.map(post, [10, POISON, 20])
+            assert poisoned.status_code == 500 and poisoned.json()["error_type"] == "inference_failed"
+            # At most the poisoned image's batch-mate fails with it, with the same clear error.
+            failed = [r for r in (good, other) if r.status_code != 200]
+            assert len(failed) <= 1
+            assert all(r.status_code == 500 and r.json()["error_type"] == "inference_failed" for r in failed)
+            # The engine kept serving: the next request is answered, and the server is ready.
+            assert post(30).status_code == 200
+            assert client.get("/readyz").status_code == 200
         assert server.stop() == 0
