@@ -95,7 +95,6 @@ def strip_wrapper_prefixes(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 # The base-model prefixes of Hugging Face classifiers (ViT, DeiT, DINOv2, DINOv2 with registers).
 HF_BASE_PREFIXES = ("vit.", "deit.", "dinov2.", "dinov2_with_registers.")
-_HF_CLS_TOKEN = re.compile(r"^(?:(?:vit|deit|dinov2|dinov2_with_registers)\.)?embeddings\.cls_token$")
 
 # Keys of features this model does not have, and what to call them when refusing the checkpoint.
 UNSUPPORTED_KEYS: dict[str, str] = {
@@ -103,7 +102,8 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     r"^norm_pre\.": "a norm before the first block (timm pre_norm, as in CLIP)",
     r"^patch_embed\.norm\.": "a norm inside the patch embedding",
     r"\.attn\.(?:q_norm|k_norm|norm)\.": "query/key or attention-output norms (timm qk_norm, scale_attn_norm)",
-    r"\.mlp\.(?:norm|w12|w3|fc1_g|fc1_x|weights_in|weights_out)\.": "a SwiGLU or normed MLP",
+    # SwiGLU: timm (w12/w3, fc1_g/fc1_x); DINOv2 files (weights_in/out) and transformers 5.x (gate/up/down_proj).
+    r"\.mlp\.(?:norm|w12|w3|fc1_[gx]|weights_(?:in|out)|(?:gate|up|down)_proj)\.": "a SwiGLU or normed MLP",
     r"^head\.(?:fc|norm|pre_logits)\.": "a multi-layer head",
     r"^pooler\.": "Hugging Face's tanh pooler (a base model, not a classifier)",
 }
@@ -114,7 +114,7 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
         return "timm"
     if "class_token" in sd and "encoder.pos_embedding" in sd:
         return "torchvision"
-    if any(_HF_CLS_TOKEN.match(key) for key in sd):
+    if any(_strip_hf_base(key) == "embeddings.cls_token" for key in sd):
         return "hf"
     raise CheckpointError(
         "unknown checkpoint layout: expected timm (pos_embed, patch_embed.proj), torchvision (class_token, "
@@ -402,12 +402,6 @@ def _native_preprocessing(record: Json, image_size: int, in_chans: int) -> Prepr
 def _hf_overrides(config: Json) -> Json:
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"unsupported hidden_act {config['hidden_act']!r}: this ViT uses exact GELU")
-    if config.get("use_swiglu_ffn"):
-        raise CheckpointError(
-            "unsupported layout: use_swiglu_ffn (a SwiGLU MLP, as in DINOv2 giant); this ViT's MLP is GELU"
-        )
-    if config.get("apply_layernorm") is False:
-        raise CheckpointError("unsupported layout: apply_layernorm=false (no final norm); this ViT always has one")
     keys = {"num_heads": "num_attention_heads", "layer_norm_eps": "layer_norm_eps", "qkv_bias": "qkv_bias"}
     return {ours: config[theirs] for ours, theirs in keys.items() if theirs in config}
 
@@ -494,8 +488,8 @@ def default_preprocessing(layout: str, image_size: int, in_chans: int) -> Prepro
             resize_mode="shorter_side",
             crop_rounding="half_even",
             interpolation="bilinear",
-            mean=[0.485, 0.456, 0.406][:in_chans],
-            std=[0.229, 0.224, 0.225][:in_chans],
+            mean=TIMM_DEFAULT_MEAN[:in_chans],
+            std=TIMM_DEFAULT_STD[:in_chans],
             color_mode=_color_mode(in_chans),
         )
     # timm's ViT default_cfg: crop_pct 0.9, bicubic, mean/std 0.5.

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from model_export.checkpoints import import_checkpoint, sha256_file
+from model_export.checkpoints import _native_config, import_checkpoint, sha256_file
 from model_export.fashion_mnist import LABELS
 from model_export.manifest import Manifest
 from model_export.onnx_export import normalise
@@ -25,10 +25,9 @@ def test_the_shipped_artifact_comes_from_the_shipped_weights():
     assert manifest.source.sha256 == sha256_file(WEIGHTS_DIR / "weights.safetensors")
     assert manifest.onnx_sha256 == sha256_file(DEFAULT_MODEL_DIR / "model.onnx")
     record = json.loads((WEIGHTS_DIR / "training_record.json").read_text())
-    # The recorded config (its head kind under the old name `pool`), with today's defaults for
-    # the fields added since: a plain ViT with one [class] token.
-    recorded = {("head" if key == "pool" else key): value for key, value in record["config"].items()}
-    assert ViTConfig(**recorded).to_dict() == manifest.config
+    # The recorded config (its head kind under the old name `pool`, migrated as the importer
+    # does), with today's defaults for the fields added since: a plain ViT with one [class] token.
+    assert ViTConfig(**_native_config(record)).to_dict() == manifest.config
     assert (manifest.prefix_tokens, manifest.head, manifest.pooling) == (["class"], "token", "token")
     assert record["epochs_completed"] == record["hyperparameters"]["epochs"]
 
