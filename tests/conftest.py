@@ -31,13 +31,21 @@ def server() -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def expected_provider() -> str:
-    """Where the server's session should run with VIT_PROVIDERS=auto on this host: CUDA wherever
-    onnxruntime-gpu has it (a GPU host), else the CPU. Tests compare what the server reports with it."""
+    """Where the server's session should run with VIT_PROVIDERS=auto on this host. onnxruntime-gpu lists CUDA
+    whether or not a GPU works, and a session without one falls back to the CPU: like the service, believe
+    what a real session on the default model says it runs on. Tests compare what the server reports with it."""
     import onnxruntime as ort
 
-    return (
-        "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
-    )
+    from model_export.manifest import Manifest
+    from service.settings import DEFAULT_MODEL_DIR
+
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    if cuda not in ort.get_available_providers():
+        return cpu
+    if hasattr(ort, "preload_dlls"):  # as the service does before a CUDA session (service/engine/runtime.py)
+        ort.preload_dlls()
+    model = DEFAULT_MODEL_DIR / Manifest.read(DEFAULT_MODEL_DIR).onnx_file
+    return ort.InferenceSession(str(model), providers=[cuda, cpu]).get_providers()[0]
 
 
 @pytest.fixture

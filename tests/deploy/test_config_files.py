@@ -1,8 +1,9 @@
 """The deployment files, linted and validated by the tools operators use: hadolint, docker compose, kubectl
 (kustomize), kubernetes-validate, and the schemas KEDA and KServe publish (docker/ci/validate_manifests.py)."""
 
-import copy
+import functools
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.settings import Settings
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -34,10 +36,16 @@ def _run(*command: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120, **kwargs)
 
 
-def _render(kustomization: str) -> list[dict]:
+@functools.cache
+def _rendered(kustomization: str) -> str:
     rendered = _run("kubectl", "kustomize", kustomization)
     assert rendered.returncode == 0, rendered.stderr
-    return list(yaml.safe_load_all(rendered.stdout))
+    return rendered.stdout
+
+
+def _render(kustomization: str) -> list[dict]:
+    """The kustomization's manifests, rendered once per run and parsed afresh each call: callers may change them."""
+    return list(yaml.safe_load_all(_rendered(kustomization)))
 
 
 def _validate(documents: list[dict]) -> subprocess.CompletedProcess[str]:
@@ -60,6 +68,13 @@ def _env(container: dict) -> dict[str, str]:
     return {variable["name"]: variable["value"] for variable in container["env"]}
 
 
+def _image_env(dockerfile: str) -> dict[str, str]:
+    """The variables a Dockerfile's ENV instructions (KEY=value form) set in its image."""
+    lines = (REPO / dockerfile).read_text().replace("\\\n", " ").splitlines()
+    words = [word for line in lines if line.startswith("ENV ") for word in shlex.split(line.removeprefix("ENV "))]
+    return dict(word.split("=", 1) for word in words)
+
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "docker/Dockerfile.gpu"])
 def test_dockerfiles_are_hadolint_clean(dockerfile):
     result = _run(str(BIN / "hadolint"), dockerfile)
@@ -75,6 +90,16 @@ def test_compose_file_is_valid(tmp_path, profile):
     assert result.returncode == 0, result.stderr
 
 
+def test_compose_leaves_the_healthcheck_to_each_image():
+    """The images' own HEALTHCHECKs apply: /readyz, with a longer start period for CUDA and warm-up to batch 64."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert all("healthcheck" not in service for service in compose["services"].values())
+    for dockerfile, start_period in (("Dockerfile", "60s"), ("docker/Dockerfile.gpu", "120s")):
+        text = (REPO / dockerfile).read_text()
+        assert f"HEALTHCHECK --interval=10s --timeout=3s --start-period={start_period} --retries=3" in text
+        assert "urlopen('http://127.0.0.1:8000/readyz', timeout=2)" in text
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_kubernetes_manifests_validate_strictly(kustomization):
     documents = _render(kustomization)
@@ -88,8 +113,8 @@ def test_the_gpu_overlay_asks_for_a_gpu_and_the_gpu_image():
     deployment = _one(_render("docker/k8s/overlays/gpu"), "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "vit-serve:gpu" and container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    # The image's batch of 64, not the CPU base's 8.
-    assert _env(container)["VIT_REQUIRE_REQUESTED_PROVIDER"] == "true" and _env(container)["VIT_MAX_BATCH_SIZE"] == "64"
+    # The image's batch of 64: nothing in the manifests overrides it (test_no_manifest_overrides_the_images_batch_size).
+    assert _env(container)["VIT_REQUIRE_REQUESTED_PROVIDER"] == "true" and "VIT_MAX_BATCH_SIZE" not in _env(container)
 
 
 def test_the_gpu_overlay_scales_on_images_in_flight_per_pod():
@@ -124,7 +149,26 @@ def test_the_kserve_examples_run_the_image_as_a_v2_custom_predictor_with_its_pro
         assert service["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "keda"
         (metric,) = predictor["autoScaling"]["metrics"]
         assert metric["external"]["metric"]["query"] == 'sum(vit_images_in_flight{pod=~"vit-serve-gpu-predictor-.+"})'
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and _env(container)["VIT_MAX_BATCH_SIZE"] == "64"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "VIT_MAX_BATCH_SIZE" not in _env(container)
+
+
+def test_the_gpu_image_batches_64_and_the_cpu_image_the_default_8():
+    assert _image_env("docker/Dockerfile.gpu")["VIT_MAX_BATCH_SIZE"] == "64"
+    assert "VIT_MAX_BATCH_SIZE" not in _image_env("Dockerfile") and Settings.model_fields["max_batch_size"].default == 8
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_no_manifest_overrides_the_images_batch_size(kustomization):
+    """So each pod batches as its image says: 8 on CPU, 64 on the GPU image (the test above)."""
+    documents = _render(kustomization)
+    pods = [d["spec"]["template"]["spec"] for d in documents if d["kind"] == "Deployment"]
+    pods += [d["spec"]["predictor"] for d in documents if d["kind"] == "InferenceService"]
+    ((container,),) = [pod["containers"] for pod in pods]
+    assert "VIT_MAX_BATCH_SIZE" not in _env(container)
+    # Nor through a ConfigMap the container reads all of.
+    sources = {source["configMapRef"]["name"] for source in container.get("envFrom", [])}
+    assert sources == {d["metadata"]["name"] for d in documents if d["kind"] == "ConfigMap"}
+    assert all("VIT_MAX_BATCH_SIZE" not in d["data"] for d in documents if d["kind"] == "ConfigMap")
 
 
 def _set(path: str, value: object) -> Callable[[dict], None]:
@@ -230,7 +274,7 @@ def verdicts() -> dict[str, str]:
     """One validator run over every broken manifest (each named after its case); its line for each."""
     documents = []
     for name, (kustomization, kind, mutate, _) in BROKEN.items():
-        document = copy.deepcopy(_one(_render(kustomization), kind))
+        document = _one(_render(kustomization), kind)
         mutate(document)
         document["metadata"]["name"] = name
         documents.append(document)

@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -24,18 +25,37 @@ def test_results_and_errors_come_back_to_the_loop_that_asked():
 
 
 def test_a_cancelled_wait_leaves_the_job_to_finish_quietly_and_shutdown_drains_the_queue():
-    done = []
-
     async def scenario() -> None:
         pool = DecodePool(1)
-        release = threading.Event()
-        first = pool.submit(release.wait)
-        second = pool.submit(done.append, "queued")
+        started, release = threading.Event(), threading.Event()
+
+        def block() -> None:
+            started.set()
+            release.wait()
+
+        first = pool.submit(block)
+        assert started.wait(10)  # the only thread is busy from here on: whatever comes next stays queued
+        second = pool.submit(lambda: "decoded")
         first.cancel()
-        release.set()
-        await asyncio.sleep(0.05)
+
+        # Let the thread go only once shutdown has queued its stop after `second`: nothing else empties the
+        # queue meanwhile, so 2 entries (`second`, then the stop) prove `second` was queued at shutdown.
+        def release_after_shutdown_queues_its_stop() -> None:
+            deadline = time.monotonic() + 10
+            while pool._jobs.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            queued.append(pool._jobs.qsize())
+            release.set()
+
+        queued: list[int] = []
+        watcher = threading.Thread(target=release_after_shutdown_queues_its_stop)
+        watcher.start()
         pool.shutdown()
-        assert first.cancelled() and second.done()
+        watcher.join()
+        assert queued == [2]
+        assert not second.done()  # its answer waits for the loop, which shutdown() has held until now
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert first.cancelled() and second.done() and second.result() == "decoded"
 
     asyncio.run(scenario())
-    assert done == ["queued"]
