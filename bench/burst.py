@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from urllib.parse import urlsplit
 
 from bench.load import multipart_upload, read_answer
 from bench.server import ServerProcess, run_server
+from bench.throughput import percentile
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,7 @@ async def _burst(url: str, request: bytes, clients: int) -> list[int]:
 
 
 def _deciles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return (values[0],) * 3 if values else (float("nan"),) * 3
-    cuts = statistics.quantiles(values, n=10, method="inclusive")
-    return cuts[0], cuts[4], cuts[8]
+    return percentile(values, 10), percentile(values, 50), percentile(values, 90)
 
 
 def run_burst(model_dir: Path, image: bytes, clients: int, images_per_request: int, rounds: int) -> list[Round]:
