@@ -323,6 +323,22 @@ class EngineClient:
             expected = max(expected, math.ceil(declared_bytes / self._bytes_per_image))
         return max(1, min(settings.max_images_per_request, expected))
 
+    def hold(self, admission: Admission, images: int, bytes_read: int) -> None:
+        """As a streamed body's images arrive, keep a slot for each image the body now looks to
+        hold (its Content-Length at the bytes per image read so far): 429 as soon as they do not fit,
+        without reading the rest. Before anything is learnt every body is admitted as one image,
+        so this is what keeps a cold burst of large bodies from being read whole to be refused."""
+        expected = images
+        if admission.declared_bytes is not None:
+            whole = math.ceil(admission.declared_bytes * images / max(1, bytes_read))
+            expected = max(images, min(self.settings.max_images_per_request, whole))
+        missing = expected - len(admission.slots)
+        if missing <= 0:
+            return
+        if missing > len(self._free_images):
+            self._learn(bytes_read, images)  # the admissions that follow refuse such bodies at once
+        admission.slots += self._take(self._free_images, missing)
+
     def _learn(self, declared_bytes: int | None, images: int) -> None:
         if declared_bytes is None or not images:
             return

@@ -8,6 +8,7 @@ hundred thousand tiny parts costs no more than the first few.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -26,12 +27,20 @@ class Upload:
     data: bytes
 
 
+# Told of each image as a streamed body yields it: how many so far, and the body's bytes up to the
+# end of the last; raises to stop reading.
+OnImage = Callable[[int, int], None]
+
+
 class _Multipart:
     """python-multipart's callbacks, collecting `file` parts and counting everything against the limits."""
 
-    def __init__(self, boundary: bytes, limits: BodyLimits) -> None:
+    def __init__(self, boundary: bytes, limits: BodyLimits, on_image: OnImage) -> None:
         self.limits = limits
+        self.on_image = on_image
         self.uploads: list[Upload] = []
+        self.read = 0  # body bytes written before the current chunk
+        self._through = 0  # body bytes up to the end of the current part's data
         self.fields = 0
         self.ended = False
         self._headers: dict[bytes, bytes] = {}
@@ -71,8 +80,13 @@ class _Multipart:
         self._field.clear()
         self._value.clear()
 
+    def write(self, chunk: bytes) -> None:
+        self.parser.write(chunk)
+        self.read += len(chunk)
+
     def _part_data(self, buf: bytes, start: int, end: int) -> None:
         self._data.extend(buf[start:end])
+        self._through = self.read + end
 
     def _part_end(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
@@ -81,6 +95,7 @@ class _Multipart:
             name = options.get(b"filename", b"").decode("utf-8", "replace") or f"{FILE_FIELD}[{position}]"
             self.uploads.append(Upload(name, bytes(self._data)))
             self.limits.check_images(len(self.uploads))
+            self.on_image(len(self.uploads), self._through)
         else:
             self.fields += 1
             if self.fields > self.limits.max_form_fields:
@@ -94,14 +109,16 @@ class _Multipart:
         self.ended = True
 
 
-async def _read_multipart(request: Request, params: dict[bytes, bytes], limits: BodyLimits) -> list[Upload]:
+async def _read_multipart(
+    request: Request, params: dict[bytes, bytes], limits: BodyLimits, on_image: OnImage
+) -> list[Upload]:
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadRequest("multipart/form-data without a boundary parameter")
-    form = _Multipart(boundary, limits)
+    form = _Multipart(boundary, limits, on_image)
     try:
         async for chunk in stream(request, limits.max_bytes):
-            form.parser.write(chunk)
+            form.write(chunk)
         form.parser.finalize()
     except ValueError as exc:  # python-multipart's parse errors derive from ValueError
         raise BadRequest(f"malformed multipart body: {exc}") from None
@@ -121,13 +138,14 @@ def _decode_json(body: bytes, limits: BodyLimits) -> list[Upload]:
     return [Upload(f"images[{i}]", decode_base64(text, f"images[{i}]")) for i, text in enumerate(images)]
 
 
-async def read_uploads(request: Request, limits: BodyLimits) -> list[Upload]:
-    """The request's images, in order; typed errors for every way a body can be wrong."""
+async def read_uploads(request: Request, limits: BodyLimits, on_image: OnImage) -> list[Upload]:
+    """The request's images, in order; typed errors for every way a body can be wrong. Multipart
+    bodies call `on_image` as each image arrives; the others are counted when they are whole."""
     media_type, params = parse_options_header(request.headers.get("content-type", ""))
     media = media_type.decode("latin-1").lower()
     with last_line_of_defence():
         if media == "multipart/form-data":
-            uploads = await _read_multipart(request, params, limits)
+            uploads = await _read_multipart(request, params, limits, on_image)
         elif media == "application/json":
             uploads = _decode_json(await read_body(request, limits.max_bytes), limits)
         elif media.startswith("image/") or media == "application/octet-stream":

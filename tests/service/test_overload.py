@@ -115,3 +115,51 @@ def test_admission_reserves_what_a_body_of_that_size_holds_before_reading_it(pho
         assert answer.startswith("HTTP/1.1 429"), answer
         assert '"error_type":"overloaded"' in answer.replace(" ", "")
         assert server.stop() == 0
+
+
+def _multipart(images: list[bytes]) -> bytes:
+    parts = b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="%d.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" % i + image + b"\r\n"
+        for i, image in enumerate(images)
+    )
+    return parts + b"--b--\r\n"
+
+
+def _through_images(body: bytes, images: int) -> bytes:
+    """The body up to the delimiter that ends its `images`-th part (and opens the next)."""
+    end = 0
+    for _ in range(images + 1):
+        end = body.index(b"--b\r\n", end) + len(b"--b\r\n")
+    return body[:end]
+
+
+def test_a_streamed_body_is_refused_at_its_first_image_that_finds_no_room(photo_1024):
+    """A fresh front-end knows no image sizes, so it admits every body as one image. As a multipart
+    body streams in, its own images so far tell how many it holds: slots for those are kept at
+    once, and a body they do not fit is refused there (here: its later images are never sent).
+    The refusal teaches the size: the next such body is refused before a byte of it is read."""
+    holding, large = _multipart([photo_1024] * 2), _multipart([photo_1024] * 4)
+    with run_server(frontend_processes=1, max_queue_images=4, max_images_per_request=4) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with (
+            socket.create_connection(("127.0.0.1", port)) as holder,
+            socket.create_connection(("127.0.0.1", port)) as late,
+            socket.create_connection(("127.0.0.1", port)) as later,
+        ):
+            for sock in (holder, late, later):
+                sock.settimeout(10)
+            # Two of the four slots, kept while the rest of its body is still coming.
+            holder.sendall(_head(server.url, len(holding)) + _through_images(holding, 1))
+            time.sleep(0.5)
+            late.sendall(_head(server.url, len(large)) + _through_images(large, 1))
+            refused = late.recv(65536).decode("latin-1")
+            later.sendall(_head(server.url, len(large)))
+            refused_at_once = later.recv(65536).decode("latin-1")
+            holder.sendall(holding[len(_through_images(holding, 1)) :])
+            served = holder.recv(65536).decode("latin-1")
+        assert refused.startswith("HTTP/1.1 429"), refused
+        assert '"error_type":"overloaded"' in refused.replace(" ", "")
+        assert refused_at_once.startswith("HTTP/1.1 429"), refused_at_once
+        assert served.startswith("HTTP/1.1 200"), served
+        assert server.stop() == 0

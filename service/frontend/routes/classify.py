@@ -50,7 +50,7 @@ async def classify(request: Request) -> Response:
     explain = params.flag(request, "explain")
     deadline = params.deadline(request, frontend.settings)
     with engine.admitted(declared_length(request)) as admission:
-        uploads = await read_uploads(request, frontend.limits)
+        uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
         answer = await engine.run(
             admission, uploads, deadline=deadline, explain=explain, gone=partial(wait_for_disconnect, request)
         )

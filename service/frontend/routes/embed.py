@@ -36,7 +36,7 @@ async def embed(request: Request) -> Response:
     deadline = params.deadline(request, frontend.settings)
     engine = frontend.engine
     with engine.admitted(declared_length(request)) as admission:
-        uploads = await read_uploads(request, frontend.limits)
+        uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
         answer = await engine.run(admission, uploads, deadline=deadline, gone=partial(wait_for_disconnect, request))
     vectors = embeddings(answer.rows, normalize)
     results = [{"filename": u.name, "embedding": v.tolist()} for u, v in zip(uploads, vectors, strict=True)]
