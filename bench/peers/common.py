@@ -21,7 +21,7 @@ from bench.raw_limit import open_session
 from model_export.manifest import Manifest
 from service.engine.runtime import CPU, CUDA
 from service.frontend.decode import Decoder
-from service.frontend.results import softmax
+from service.frontend.results import top_k
 from service.settings import Settings
 
 TOP_K = 5  # the service's default_top_k
@@ -111,11 +111,9 @@ class OnnxClassifier:
         return binding.copy_outputs_to_cpu()[0]
 
     def top_k(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, classes) logits -> class ids (B, k) and softmax scores (B, k), highest first."""
-        k = min(TOP_K, logits.shape[-1])
-        probabilities = softmax(logits)
-        ids = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
-        return ids, np.take_along_axis(probabilities, ids, axis=-1)
+        """(B, classes) logits -> class ids (B, k) and softmax scores (B, k): the service's top-k, row by row."""
+        picked = [top_k(row, TOP_K) for row in logits]
+        return np.stack([ids for ids, _ in picked]), np.stack([scores for _, scores in picked])
 
     def predictions(self, logits: np.ndarray) -> list[list[dict[str, object]]]:
         """Per image, the service's prediction objects: label, class_id, score."""
