@@ -329,8 +329,10 @@ class EngineClient:
         without reading the rest. Before anything is learnt every body is admitted as one image,
         so this is what keeps a cold burst of large bodies from being read whole to be refused."""
         expected = images
-        if admission.declared_bytes is not None:
-            whole = math.ceil(admission.declared_bytes * images / max(1, bytes_read))
+        if admission.declared_bytes is not None and bytes_read:
+            # Rounded down: what was read never includes the body's closing boundary, so a body of N
+            # like images reads as a little over N; rounding up would keep a slot too many.
+            whole = admission.declared_bytes * images // bytes_read
             expected = max(images, min(self.settings.max_images_per_request, whole))
         missing = expected - len(admission.slots)
         if missing <= 0:
@@ -340,7 +342,8 @@ class EngineClient:
         admission.slots += self._take(self._free_images, missing)
 
     def _learn(self, declared_bytes: int | None, images: int) -> None:
-        if declared_bytes is None or not images:
+        # Empty images end what was read with no bytes: they tell nothing, and a size of zero would divide.
+        if not declared_bytes or not images:
             return
         sample = declared_bytes / images
         previous = self._bytes_per_image

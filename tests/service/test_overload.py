@@ -163,3 +163,58 @@ def test_a_streamed_body_is_refused_at_its_first_image_that_finds_no_room(photo_
         assert refused_at_once.startswith("HTTP/1.1 429"), refused_at_once
         assert served.startswith("HTTP/1.1 200"), served
         assert server.stop() == 0
+
+
+def test_a_streamed_body_keeps_a_slot_per_image_it_holds_and_no_more(photo_1024):
+    """Two images' worth of a four-slot front-end, held while the body streams in, leave two: a
+    second body of two images is served beside it, not refused for one slot."""
+    pair = _multipart([photo_1024] * 2)
+    with run_server(frontend_processes=1, max_queue_images=4, max_images_per_request=4) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with (
+            socket.create_connection(("127.0.0.1", port)) as holder,
+            socket.create_connection(("127.0.0.1", port)) as beside,
+        ):
+            for sock in (holder, beside):
+                sock.settimeout(10)
+            holder.sendall(_head(server.url, len(pair)) + _through_images(pair, 1))
+            time.sleep(0.5)
+            beside.sendall(_head(server.url, len(pair)) + pair)
+            served_beside = beside.recv(65536).decode("latin-1")
+            holder.sendall(pair[len(_through_images(pair, 1)) :])
+            served = holder.recv(65536).decode("latin-1")
+        assert served_beside.startswith("HTTP/1.1 200"), served_beside
+        assert served.startswith("HTTP/1.1 200"), served
+        assert server.stop() == 0
+
+
+def test_an_empty_image_refused_for_room_teaches_admission_nothing(photo_1024):
+    """Empty images carry no bytes, so a body refused at one says nothing about image sizes: it
+    must not teach admission a size of zero bytes, by which the next body would be sized."""
+    holding, empty_first, single = (
+        _multipart([photo_1024] * 2),
+        _multipart([b"", b"", b"", photo_1024]),
+        _multipart([photo_1024]),
+    )
+    with run_server(frontend_processes=1, max_queue_images=4, max_images_per_request=4) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with (
+            socket.create_connection(("127.0.0.1", port)) as holder,
+            socket.create_connection(("127.0.0.1", port)) as late,
+            socket.create_connection(("127.0.0.1", port)) as next_one,
+        ):
+            for sock in (holder, late, next_one):
+                sock.settimeout(10)
+            # Two of the four slots, kept while the rest of its body is still coming.
+            holder.sendall(_head(server.url, len(holding)) + _through_images(holding, 1))
+            time.sleep(0.5)
+            # Empty images take the last two slots one by one; the third finds no room.
+            late.sendall(_head(server.url, len(empty_first)) + _through_images(empty_first, 3))
+            refused = late.recv(65536).decode("latin-1")
+            next_one.sendall(_head(server.url, len(single)) + single)  # before anything else is learnt
+            served = next_one.recv(65536).decode("latin-1")
+            holder.sendall(holding[len(_through_images(holding, 1)) :])
+            assert holder.recv(65536).decode("latin-1").startswith("HTTP/1.1 200")
+        assert refused.startswith("HTTP/1.1 429"), refused
+        assert served.startswith("HTTP/1.1 200"), served
+        assert server.stop() == 0
