@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE = 1 << 16
 RECONNECT_S = 0.05  # between attempts while the engine restarts
 BYTES_PER_IMAGE_WEIGHT = 0.2  # of each new body in the moving average: a few requests to follow a change
+# The learnt bytes per image is a quotient itself: a body N times that size divides back to N plus
+# float noise (for about 4% of sizes), which must not round up to N + 1 images.
+QUOTIENT_NOISE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -320,7 +323,7 @@ class EngineClient:
         settings = self.settings
         expected = math.ceil(declared_bytes * settings.max_images_per_request / settings.max_body_bytes)
         if self._bytes_per_image is not None:
-            expected = max(expected, math.ceil(declared_bytes / self._bytes_per_image))
+            expected = max(expected, math.ceil(declared_bytes / self._bytes_per_image - QUOTIENT_NOISE))
         return max(1, min(settings.max_images_per_request, expected))
 
     def hold(self, admission: Admission, images: int, bytes_read: int) -> None:
@@ -328,21 +331,24 @@ class EngineClient:
         hold (its Content-Length at the bytes per image read so far): 429 as soon as they do not fit,
         without reading the rest. Before anything is learnt every body is admitted as one image,
         so this is what keeps a cold burst of large bodies from being read whole to be refused."""
+        # Its Content-Length, when the images read so far have bytes to judge the rest by.
+        declared = admission.declared_bytes if bytes_read else None
         expected = images
-        if admission.declared_bytes is not None and bytes_read:
+        if declared is not None:
             # Rounded down: what was read never includes the body's closing boundary, so a body of N
             # like images reads as a little over N; rounding up would keep a slot too many.
-            whole = admission.declared_bytes * images // bytes_read
-            expected = max(images, min(self.settings.max_images_per_request, whole))
+            expected = max(images, min(self.settings.max_images_per_request, declared * images // bytes_read))
         missing = expected - len(admission.slots)
         if missing <= 0:
             return
         if missing > len(self._free_images):
-            self._learn(bytes_read, images)  # the admissions that follow refuse such bodies at once
+            # Taught as the whole body would teach it once read (its size over its images), so that
+            # the admissions that follow refuse such bodies at once, and admit them when they fit.
+            self._learn(declared, expected)
         admission.slots += self._take(self._free_images, missing)
 
     def _learn(self, declared_bytes: int | None, images: int) -> None:
-        # Empty images end what was read with no bytes: they tell nothing, and a size of zero would divide.
+        # A sample of no bytes would make the size zero, and the next body is divided by it.
         if not declared_bytes or not images:
             return
         sample = declared_bytes / images

@@ -1,0 +1,56 @@
+"""Admission's size estimates, on a real engine client and ring: what a body is judged to hold."""
+
+import asyncio
+import math
+from collections.abc import Iterator
+
+import pytest
+
+from model_export.manifest import Manifest
+from service.errors import Overloaded
+from service.frontend.decode import Decoder
+from service.frontend.engine_client import EngineClient
+from service.lifecycle import Lifecycle
+from service.metrics import FrontendMetrics
+from service.settings import DEFAULT_MODEL_DIR, Settings
+from service.shm_ring import Ring, RingLayout
+
+SLOTS, PER_REQUEST = 16, 8
+# Seven: one of the counts whose bytes per image does not always divide back to a whole number.
+IMAGES = 7
+
+
+@pytest.fixture
+def engine() -> Iterator[EngineClient]:
+    manifest = Manifest.read(DEFAULT_MODEL_DIR)
+    settings = Settings(max_queue_images=SLOTS, max_images_per_request=PER_REQUEST, frontend_processes=1)
+    lifecycle = Lifecycle(settings.retry_after_s, lambda: None, lambda _: None)
+    lifecycle.started = lifecycle.engine_connected = True  # as the engine's welcome sets them
+    client = EngineClient(
+        Ring.create(RingLayout.for_model(manifest, 1, SLOTS, 1)),
+        0,
+        "no engine: admission needs none",
+        settings,
+        Decoder(manifest.preprocessing, settings.max_image_pixels),
+        lifecycle,
+        FrontendMetrics(),
+    )
+    yield client
+    asyncio.run(client.close())
+
+
+def test_a_body_refused_as_it_streams_is_admitted_again_when_its_images_fit(engine):
+    """Refused at its first image, a body teaches its size over the images it was judged to hold:
+    the next body of that size is sized to exactly as many, and admitted once they are free, also
+    for a size whose bytes per image does not divide back to a whole number in floating point."""
+    size = next(size for size in range(1_000_000, 1_100_000) if math.ceil(size / (size / IMAGES)) > IMAGES)
+    # Read up to the end of the first image: a little under its share (its part, less the delimiter).
+    first_image = size // IMAGES - 40
+    with engine.admitted(None) as full:
+        engine.hold(full, PER_REQUEST, PER_REQUEST * first_image)  # half the slots
+        with engine.admitted(None):
+            # Six free, then five for a body of seven images: refused at its first.
+            with engine.admitted(None), pytest.raises(Overloaded), engine.admitted(size) as late:
+                engine.hold(late, 1, first_image)
+            with engine.admitted(size) as next_one:  # seven free
+                assert len(next_one.slots) == IMAGES
