@@ -1,11 +1,13 @@
 """Ten times the admitted capacity for 20 s on loopback: fast 429s, no broken deadlines, flat memory."""
 
+import contextlib
 import socket
 import statistics
 import time
+from collections.abc import Iterator
 
 from bench.load import closed_loop, rss_mb
-from bench.server import run_server
+from bench.server import ServerProcess, run_server
 
 QUEUE_IMAGES = 4
 CLIENTS = 10 * QUEUE_IMAGES
@@ -134,58 +136,64 @@ def _through_images(body: bytes, images: int) -> bytes:
     return body[:end]
 
 
+@contextlib.contextmanager
+def _four_slots(connections: int) -> Iterator[tuple[ServerProcess, list[socket.socket]]]:
+    """A fresh server, one front-end with four image slots, and raw connections to it."""
+    with run_server(frontend_processes=1, max_queue_images=4, max_images_per_request=4) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with contextlib.ExitStack() as stack:
+            sockets = [stack.enter_context(socket.create_connection(("127.0.0.1", port))) for _ in range(connections)]
+            for sock in sockets:
+                sock.settimeout(10)
+            yield server, sockets
+        assert server.stop() == 0
+
+
+def _send_through(sock: socket.socket, url: str, body: bytes, images: int) -> bytes:
+    """Send the head and the body up to its `images`-th image; the rest, left to send."""
+    sent = _through_images(body, images)
+    sock.sendall(_head(url, len(body)) + sent)
+    return body[len(sent) :]
+
+
+def _answer(sock: socket.socket) -> str:
+    return sock.recv(65536).decode("latin-1")
+
+
 def test_a_streamed_body_is_refused_at_its_first_image_that_finds_no_room(photo_1024):
     """A fresh front-end knows no image sizes, so it admits every body as one image. As a multipart
     body streams in, its own images so far tell how many it holds: slots for those are kept at
     once, and a body they do not fit is refused there (here: its later images are never sent).
     The refusal teaches the size: the next such body is refused before a byte of it is read."""
     holding, large = _multipart([photo_1024] * 2), _multipart([photo_1024] * 4)
-    with run_server(frontend_processes=1, max_queue_images=4, max_images_per_request=4) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        with (
-            socket.create_connection(("127.0.0.1", port)) as holder,
-            socket.create_connection(("127.0.0.1", port)) as late,
-            socket.create_connection(("127.0.0.1", port)) as later,
-        ):
-            for sock in (holder, late, later):
-                sock.settimeout(10)
-            # Two of the four slots, kept while the rest of its body is still coming.
-            holder.sendall(_head(server.url, len(holding)) + _through_images(holding, 1))
-            time.sleep(0.5)
-            late.sendall(_head(server.url, len(large)) + _through_images(large, 1))
-            refused = late.recv(65536).decode("latin-1")
-            later.sendall(_head(server.url, len(large)))
-            refused_at_once = later.recv(65536).decode("latin-1")
-            holder.sendall(holding[len(_through_images(holding, 1)) :])
-            served = holder.recv(65536).decode("latin-1")
-        assert refused.startswith("HTTP/1.1 429"), refused
-        assert '"error_type":"overloaded"' in refused.replace(" ", "")
-        assert refused_at_once.startswith("HTTP/1.1 429"), refused_at_once
-        assert served.startswith("HTTP/1.1 200"), served
-        assert server.stop() == 0
+    with _four_slots(3) as (server, (holder, late, later)):
+        rest = _send_through(holder, server.url, holding, 1)  # two slots, kept while the rest is coming
+        time.sleep(0.5)
+        _send_through(late, server.url, large, 1)
+        refused = _answer(late)
+        later.sendall(_head(server.url, len(large)))
+        refused_at_once = _answer(later)
+        holder.sendall(rest)
+        served = _answer(holder)
+    assert refused.startswith("HTTP/1.1 429"), refused
+    assert '"error_type":"overloaded"' in refused.replace(" ", "")
+    assert refused_at_once.startswith("HTTP/1.1 429"), refused_at_once
+    assert served.startswith("HTTP/1.1 200"), served
 
 
 def test_a_streamed_body_keeps_a_slot_per_image_it_holds_and_no_more(photo_1024):
     """Two images' worth of a four-slot front-end, held while the body streams in, leave two: a
     second body of two images is served beside it, not refused for one slot."""
     pair = _multipart([photo_1024] * 2)
-    with run_server(frontend_processes=1, max_queue_images=4, max_images_per_request=4) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        with (
-            socket.create_connection(("127.0.0.1", port)) as holder,
-            socket.create_connection(("127.0.0.1", port)) as beside,
-        ):
-            for sock in (holder, beside):
-                sock.settimeout(10)
-            holder.sendall(_head(server.url, len(pair)) + _through_images(pair, 1))
-            time.sleep(0.5)
-            beside.sendall(_head(server.url, len(pair)) + pair)
-            served_beside = beside.recv(65536).decode("latin-1")
-            holder.sendall(pair[len(_through_images(pair, 1)) :])
-            served = holder.recv(65536).decode("latin-1")
-        assert served_beside.startswith("HTTP/1.1 200"), served_beside
-        assert served.startswith("HTTP/1.1 200"), served
-        assert server.stop() == 0
+    with _four_slots(2) as (server, (holder, beside)):
+        rest = _send_through(holder, server.url, pair, 1)
+        time.sleep(0.5)
+        beside.sendall(_head(server.url, len(pair)) + pair)
+        served_beside = _answer(beside)
+        holder.sendall(rest)
+        served = _answer(holder)
+    assert served_beside.startswith("HTTP/1.1 200"), served_beside
+    assert served.startswith("HTTP/1.1 200"), served
 
 
 def test_an_empty_image_refused_for_room_teaches_admission_nothing(photo_1024):
@@ -196,25 +204,16 @@ def test_an_empty_image_refused_for_room_teaches_admission_nothing(photo_1024):
         _multipart([b"", b"", b"", photo_1024]),
         _multipart([photo_1024]),
     )
-    with run_server(frontend_processes=1, max_queue_images=4, max_images_per_request=4) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        with (
-            socket.create_connection(("127.0.0.1", port)) as holder,
-            socket.create_connection(("127.0.0.1", port)) as late,
-            socket.create_connection(("127.0.0.1", port)) as next_one,
-        ):
-            for sock in (holder, late, next_one):
-                sock.settimeout(10)
-            # Two of the four slots, kept while the rest of its body is still coming.
-            holder.sendall(_head(server.url, len(holding)) + _through_images(holding, 1))
-            time.sleep(0.5)
-            # Empty images take the last two slots one by one; the third finds no room.
-            late.sendall(_head(server.url, len(empty_first)) + _through_images(empty_first, 3))
-            refused = late.recv(65536).decode("latin-1")
-            next_one.sendall(_head(server.url, len(single)) + single)  # before anything else is learnt
-            served = next_one.recv(65536).decode("latin-1")
-            holder.sendall(holding[len(_through_images(holding, 1)) :])
-            assert holder.recv(65536).decode("latin-1").startswith("HTTP/1.1 200")
-        assert refused.startswith("HTTP/1.1 429"), refused
-        assert served.startswith("HTTP/1.1 200"), served
-        assert server.stop() == 0
+    with _four_slots(3) as (server, (holder, late, next_one)):
+        rest = _send_through(holder, server.url, holding, 1)  # two slots, kept while the rest is coming
+        time.sleep(0.5)
+        # Empty images take the last two slots one by one; the third finds no room.
+        _send_through(late, server.url, empty_first, 3)
+        refused = _answer(late)
+        next_one.sendall(_head(server.url, len(single)) + single)  # before anything else is learnt
+        served = _answer(next_one)
+        holder.sendall(rest)
+        served_holder = _answer(holder)
+    assert refused.startswith("HTTP/1.1 429"), refused
+    assert served.startswith("HTTP/1.1 200"), served
+    assert served_holder.startswith("HTTP/1.1 200"), served_holder
