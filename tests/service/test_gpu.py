@@ -3,7 +3,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,9 +45,20 @@ def test_io_binding_answers_what_the_cpu_answers(on_cuda, on_cpu, batch):
 
 
 def test_the_fp16_gate_records_the_provider_its_session_ran_on(tmp_path):
-    vit_export = str(Path(sys.executable).parent / "vit-export")
+    # As a module: a host running bench/gpu_bundle.sh imports the repository and installs no scripts.
     result = subprocess.run(
-        [vit_export, str(WEIGHTS_DIR), "--out", str(tmp_path), "--fp16", "--gate", "fashion-mnist", "--no-explain"],
+        [
+            sys.executable,
+            "-m",
+            "model_export.cli",
+            str(WEIGHTS_DIR),
+            "--out",
+            str(tmp_path),
+            "--fp16",
+            "--gate",
+            "fashion-mnist",
+            "--no-explain",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
