@@ -49,7 +49,7 @@ class Child:
     pidfd: int
     status: int  # read end of its status pipe; -1 once closed
     started: float = field(default_factory=time.monotonic)
-    ready: bool = False
+    ready: dict[str, object] | None = None  # its ready report, once it sent it
 
 
 def _clean_stale_metrics() -> None:
@@ -151,7 +151,7 @@ class Supervisor:
             return None
         message: dict[str, object] = json.loads(data.splitlines()[0])
         if message.get("ready"):
-            child.ready = True
+            child.ready = message
             logger.info("%s ready", child.boot.name, extra={k: v for k, v in message.items() if k != "ready"})
         return message
 
@@ -163,12 +163,13 @@ class Supervisor:
             # All at once: the front-ends import their web stack while the engine loads and warms up.
             engine = self.spawn("engine")
             frontends = [self.spawn("frontend", k) for k in range(self.layout.partitions)]
-            provider = self.wait_ready([engine])["provider"]
-            self.wait_ready(frontends)
+            self.wait_ready([engine, *frontends])
         except StartupError as exc:
             logger.error("start-up failed: %s", exc)
             self.stop()
             return STARTUP_EXIT
+        assert engine.ready is not None
+        provider = engine.ready["provider"]
         logger.info("vit-serve running on %s (%d front-ends, engine on %s)", self.url, self.layout.partitions, provider)
         try:
             while self.children:
@@ -178,12 +179,11 @@ class Supervisor:
             self._cleanup()
         return self.exit_status
 
-    def wait_ready(self, children: list[Child]) -> dict[str, object]:
-        """Block until each child says ready (the last one's message is returned); a start-up
-        error, an exit or a signal fails the start."""
-        waiting = {id(child) for child in children}
-        message: dict[str, object] = {}
-        while waiting:
+    def wait_ready(self, children: list[Child]) -> None:
+        """Block until each child has said ready; a start-up error, an exit or a signal fails the start.
+
+        Any child's report may be read here, also one not waited for: each says ready once."""
+        while not all(child.ready for child in children):
             for key, _ in self.selector.select():
                 if key.data == "signal":
                     os.read(self._wakeup, 64)
@@ -194,10 +194,6 @@ class Supervisor:
                 status = self._read_status(child)
                 if status is not None and "error" in status:
                     raise StartupError(str(status["error"]))
-                if status is not None:
-                    message = status
-                    waiting.discard(id(child))
-        return message
 
     def _handle(self, data: object) -> None:
         if data == "signal":

@@ -3,6 +3,7 @@ happens when any of them dies. Nothing accepted is lost, nothing leaks, the tota
 
 import json
 import os
+import select
 import signal
 import threading
 import time
@@ -15,6 +16,8 @@ import pytest
 from bench.cpu import process_tree
 from bench.load import closed_loop
 from bench.server import ServerProcess, run_server
+from service.settings import Settings
+from service.supervisor import Supervisor
 from tests.conftest import metric, wait_for
 
 SHM = Path("/dev/shm")
@@ -138,3 +141,23 @@ def test_kill_9_of_the_supervisor_takes_every_process_with_it(samples, shm_befor
             assert time.monotonic() < deadline, "a child outlived the supervisor"
             time.sleep(0.05)
     assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
+
+
+def test_start_up_finds_each_ready_report_whichever_wait_read_it():
+    """The engine's report and the front-ends' can arrive in one wake-up; waiting for the engine
+    alone then reads theirs too, and the wait for the front-ends must still see them."""
+    supervisor = Supervisor(Settings(frontend_processes=2), "127.0.0.1", 0)
+    try:
+        engine = supervisor.spawn("engine")
+        frontends = [supervisor.spawn("frontend", k) for k in range(2)]
+        everyone = [engine, *frontends]
+        deadline = time.monotonic() + 60
+        while len(select.select([child.status for child in everyone], [], [], 1)[0]) < len(everyone):
+            assert time.monotonic() < deadline, "a child never reported"
+        supervisor.wait_ready([engine])
+        waiting = threading.Thread(target=supervisor.wait_ready, args=(frontends,), daemon=True)
+        waiting.start()
+        waiting.join(timeout=10)
+        assert not waiting.is_alive()
+    finally:
+        supervisor.stop()
