@@ -33,14 +33,16 @@ pack() {
   rm -rf "$dir" && mkdir -p "$dir"
   tar -C "$stage" -cf - . | split -b "${PART_MIB:-56}M" -d -a 2 - "$dir/bundle.tar."
   rm -rf "$stage"
-  (cd "$dir" && sha256sum bundle.tar.* >parts.sha256)
-  local part count=0
+  # Each part in a folder of its own, and in each the list of all, in joining order, by path in DIR.
+  local part moved=()
   for part in "$dir"/bundle.tar.*; do
-    count=$((count + 1))
-    mkdir "$dir/$count" && mv "$part" "$dir/$count/" && cp "$dir/parts.sha256" "$dir/$count/"
+    moved+=("$((${#moved[@]} + 1))/${part##*/}")
+    mkdir "$dir/${#moved[@]}" && mv "$part" "$dir/${moved[-1]}"
   done
+  (cd "$dir" && sha256sum "${moved[@]}" >parts.sha256)
+  for part in "${moved[@]}"; do cp "$dir/parts.sha256" "$dir/${part%/*}/"; done
   rm "$dir/parts.sha256"
-  echo "$count parts in $dir:" && du -sh "$dir"/*/
+  echo "${#moved[@]} parts in $dir:" && du -sh "$dir"/*/
 }
 
 # One check: its output to OUT/NAME.log, its status to OUT/checks.txt; a failure stops nothing.
@@ -57,16 +59,11 @@ run() {
   local dir=$1 work=/tmp/gpu-bundle
   OUT=$2
   mkdir -p "$OUT" "$work"
-  local first
-  first=$(ls "$dir"/*/parts.sha256 | head -n 1)
+  local lists=("$dir"/*/parts.sha256)
   # Every part present and whole, or nothing runs: a missing one means a transfer went wrong.
-  mapfile -t parts < <(awk '{print $2}' "$first")
-  local part paths=()
-  for part in "${parts[@]}"; do
-    paths+=("$(ls "$dir"/*/"$part")")
-  done
-  paste -d' ' <(awk '{print $1}' "$first") <(printf ' %s\n' "${paths[@]}") | sha256sum -c --quiet
-  cat "${paths[@]}" | tar -x -C "$work"
+  (cd "$dir" && sha256sum -c --quiet) <"${lists[0]}"
+  mapfile -t parts < <(awk '{print $2}' "${lists[0]}")
+  (cd "$dir" && cat "${parts[@]}") | tar -x -C "$work"
   local site=$work/site python=${PYTHON:-python3}
   "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$site" "$work"/wheels/*.whl
   if [ ! -d "$FASHION_MNIST" ]; then mkdir -p "$FASHION_MNIST" && cp "$work"/fashion-mnist/* "$FASHION_MNIST/"; fi
