@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from model_export.manifest import Manifest
-from service.boot import Boot, read_boot, report
+from service.boot import Boot, read_boot, report, settle_heap
 from service.engine.batcher import Batcher, Item
 from service.engine.runtime import OnnxBackend, row_size, warm_up_batch_sizes
 from service.errors import StartupError
@@ -307,6 +307,7 @@ def main() -> int:
     for worker in workers:
         worker.start()
     threading.Thread(target=engine.accept, args=(listener,), daemon=True, name="accept").start()
+    settle_heap()
     report(boot.status_fd, ready=True, **engine.info())
     os.close(boot.status_fd)
     stop.wait()

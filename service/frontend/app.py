@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from model_export.manifest import Manifest
+from service.boot import settle_heap
 from service.errors import install_error_handlers
 from service.frontend.access import require_api_key
 from service.frontend.body import BodyLimits
@@ -42,6 +43,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         info = await engine.start(ENGINE_WAIT_S)
         metrics.model_info.labels(model=manifest.name, provider=info.provider, variant=manifest.variant).set(1)
+        settle_heap()
         on_ready(info)
         logger.info("ready: %s on %s", manifest.name, info.provider)
         try:
