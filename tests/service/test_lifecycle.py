@@ -58,8 +58,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(photo_1024):
         with ThreadPoolExecutor(requests) as pool:
             futures = [pool.submit(client.post, "/classify", files=files) for _ in range(requests)]
             deadline = time.monotonic() + 30
-            while metric(client, "vit_requests_in_flight") < requests:  # every request admitted, none finished
-                assert time.monotonic() < deadline and not any(f.done() for f in futures)
+            while (in_flight := metric(client, "vit_requests_in_flight")) < requests:
+                assert time.monotonic() < deadline
+                if in_flight and any(f.done() for f in futures):
+                    break  # a loaded machine answered one before the last was admitted: drain those in flight
             server.process.send_signal(signal.SIGTERM)
             # The listener stays open while draining: readiness says so and new work is refused.
             ready = client.get("/readyz")
@@ -67,8 +69,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(photo_1024):
             refused = client.post("/classify", files=files[:1])
             assert refused.status_code == 503 and refused.json()["error_type"] == "draining"
             responses = [f.result() for f in futures]
-        assert [r.status_code for r in responses] == [200] * requests
-        assert all(len(r.json()["results"]) == 16 for r in responses)
+        # Every request admitted before the signal is answered in full; any later one is refused as draining.
+        answered = [r for r in responses if r.status_code == 200]
+        assert len(answered) >= in_flight
+        assert all(len(r.json()["results"]) == 16 for r in answered)
+        assert all(r.json()["error_type"] == "draining" for r in responses if r.status_code != 200)
         assert server.process.wait(timeout=60) == 0
         assert "drained" in server.log
 
