@@ -1,4 +1,5 @@
-"""`create_app(...)`: one front-end's FastAPI app; its lifespan connects to the engine and drains."""
+"""`create_app(...)`: one front-end's ASGI app, FastAPI with the inference routes taken ahead of it;
+its lifespan connects to the engine and drains."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp
 
 from model_export.manifest import Manifest
 from service.boot import settle_heap
@@ -16,6 +18,7 @@ from service.errors import install_error_handlers
 from service.frontend.access import require_api_key
 from service.frontend.body import BodyLimits
 from service.frontend.engine_client import EngineClient, EngineInfo
+from service.frontend.hot_routes import HotRoutes, inference_routes
 from service.frontend.middleware import RequestContextMiddleware
 from service.frontend.routes import classify, demo, embed, health, models, v2
 from service.frontend.routes.dependencies import Frontend
@@ -36,7 +39,7 @@ def create_app(
     metrics: FrontendMetrics,
     metrics_dir: str,
     on_ready: Callable[[EngineInfo], None],
-) -> FastAPI:
+) -> ASGIApp:
     lifecycle = engine.lifecycle
 
     @asynccontextmanager
@@ -78,13 +81,13 @@ def create_app(
     async def prometheus() -> Response:
         return Response(render(metrics_dir), media_type=CONTENT_TYPE_LATEST)
 
+    served: ASGIApp = HotRoutes(app, inference_routes([classify.router, embed.router, v2.router]))
     if settings.cors_origin_list:
-        app.add_middleware(
-            CORSMiddleware,
+        served = CORSMiddleware(
+            served,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "X-Request-Timeout"],
             expose_headers=["X-Request-ID", "X-Queue-Time-Ms", "X-Inference-Time-Ms", "X-Preprocess-Time-Ms"],
         )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    return app
+    return RequestContextMiddleware(served, metrics)
