@@ -166,8 +166,8 @@ def test_start_up_finds_each_ready_report_whichever_wait_read_it():
 
 
 def test_a_started_process_hides_its_start_up_heap_from_the_collector():
-    """Both kinds of child call settle_heap once started: the collector no longer walks what
-    start-up built, and young collections come every 10,000 allocations, not 700."""
+    """settle_heap, which the engine and each front-end call once started: the collector no
+    longer walks what start-up built, and young collections come every 10,000 allocations, not 700."""
     probe = (
         "import gc, json; from service.boot import settle_heap; settle_heap(); "
         "print(json.dumps([gc.get_freeze_count(), gc.get_threshold()[0]]))"
