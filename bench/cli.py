@@ -194,13 +194,17 @@ def engine_command(args: argparse.Namespace) -> int:
     model = args.model or trivial_model(args.out / "trivial")
     image = _photo_jpeg("astronaut", (args.upload_side, args.upload_side))
     print(f"machine: {describe_cpu()}, {available_cores()} cores; model {Manifest.read(model).name}")
-    print(f"{'in flight':>9} {'max batch':>9} {'img/s':>9} {'engine CPU us/img':>18} {'mean batch':>10}")
+    print(
+        f"{'in flight':>9} {'max batch':>9} {'img/s':>9} {'engine CPU us/img':>18} {'copy alone us/img':>18} "
+        f"{'mean batch':>10}"
+    )
     for batch in _levels(args.max_batch_size):
         for in_flight in _levels(args.in_flight):
             row = measure_engine(model, image, in_flight, batch, args.seconds)
             print(
                 f"{row.in_flight:9d} {row.max_batch_size:9d} {row.images_per_s:9.0f} {row.engine_cpu_us:18.1f} "
-                f"{row.mean_batch:10.1f}   (one engine: {1e6 / row.engine_cpu_us:,.0f} img/s of its own CPU)"
+                f"{row.copy_us:18.1f} {row.mean_batch:10.1f}   "
+                f"(one engine: {1e6 / row.engine_cpu_us:,.0f} img/s of its own CPU)"
             )
     return 0
 

@@ -3,6 +3,8 @@ one engine process can hand to a GPU.
 
 The bench takes the place of front-end 0: it fills that partition's slots once, then keeps a
 fixed number of one-image requests in the engine, each SUBMIT answered by a DONE and sent again.
+Beforehand it copies those slots into a batch itself, as the engine does, to show how much of the
+engine's figure is that copy: memory bandwidth, which no bookkeeping can save.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bench.cpu import process_tree_cpu_seconds
 from service.frontend.decode import Decoder
 from service.settings import Settings
-from service.shm_ring import Graph, Kind, Status, hello, kind_of, parse_done, submit
+from service.shm_ring import Graph, Kind, Ring, Status, hello, kind_of, parse_done, submit
 from service.supervisor import Supervisor
 
 
@@ -25,6 +29,7 @@ class EngineLimit:
     max_batch_size: int
     images_per_s: float
     engine_cpu_us: float  # per image
+    copy_us: float  # per image: the bench's own copy of the pixels into a batch, alone
     mean_batch: float
 
 
@@ -50,12 +55,26 @@ def measure(model_dir: Path, image: bytes, in_flight: int, max_batch_size: int, 
         sock.send(hello(0))
         if kind_of(sock.recv(1 << 16)) != Kind.WELCOME:
             raise RuntimeError("the engine did not welcome the bench")
-        return _drive(sock, slots, engine.process.pid, in_flight, max_batch_size, seconds)
+        copy_us = _copy_alone_us(ring, slots, max_batch_size)
+        return _drive(sock, slots, engine.process.pid, in_flight, max_batch_size, seconds, copy_us)
     finally:
         supervisor.stop()
 
 
-def _drive(sock: socket.socket, slots: list[int], pid: int, in_flight: int, batch: int, seconds: float) -> EngineLimit:
+def _copy_alone_us(ring: Ring, slots: list[int], batch: int, seconds: float = 1.0) -> float:
+    """CPU per image of copying these slots' pixels into a batch, one slice copy each (the engine's way)."""
+    into = np.empty((batch, *ring.layout.pixel_shape), dtype=np.uint8)
+    copied, started = 0, time.process_time()
+    while time.process_time() - started < seconds:
+        for index, slot in enumerate(slots):
+            into[index % batch] = ring.pixels[slot]
+        copied += len(slots)
+    return 1e6 * (time.process_time() - started) / copied
+
+
+def _drive(
+    sock: socket.socket, slots: list[int], pid: int, in_flight: int, batch: int, seconds: float, copy_us: float
+) -> EngineLimit:
     far = time.monotonic() + 3600
     for slot in slots:
         sock.send(submit(Graph.PLAIN, [slot], far))
@@ -70,4 +89,5 @@ def _drive(sock: socket.socket, slots: list[int], pid: int, in_flight: int, batc
             sock.send(submit(Graph.PLAIN, [record.slot], far))
     cpu = process_tree_cpu_seconds(pid) - cpu_before
     elapsed = now - started
-    return EngineLimit(in_flight, batch, images / elapsed, 1e6 * cpu / max(1, images), images / max(1.0, batches))
+    engine_cpu_us = 1e6 * cpu / max(1, images)
+    return EngineLimit(in_flight, batch, images / elapsed, engine_cpu_us, copy_us, images / max(1.0, batches))

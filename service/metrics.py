@@ -14,6 +14,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 # Latencies from 1 ms to 30 s; batch sizes are counted in images.
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _IMAGES = (1, 2, 4, 8, 16, 32, 64, 128)
+# Copies within the engine: tens of microseconds to a few milliseconds a batch.
+_COPY_SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05)
 
 
 def _rejections() -> Counter:
@@ -61,6 +63,14 @@ class EngineMetrics:
     def __init__(self) -> None:
         self.inference_seconds = Histogram(
             "vit_inference_seconds", "onnxruntime time per batch", buckets=_SECONDS, registry=None
+        )
+        # Triton's compute_input: copying each image's pixels (150 KB at 224 px) out of its slot is
+        # most of the engine's own CPU on a host with little memory bandwidth.
+        self.gather_seconds = Histogram(
+            "vit_batch_gather_seconds",
+            "time per batch copying its inputs out of their slots",
+            buckets=_COPY_SECONDS,
+            registry=None,
         )
         self.batch_size = Histogram("vit_batch_size_images", "images per formed batch", buckets=_IMAGES, registry=None)
         self.queue_depth = Gauge(

@@ -232,7 +232,9 @@ class Engine:
                 pixels[index] = self.ring.pixels[item.slot]
             for index, item in enumerate(rows):
                 tensors[index] = self.ring.tensors[self.ring.tensor_index(item.slot)]
+            gathered = time.monotonic()
             outputs = runner.backend.predict(pixels[: len(images)], tensors[: len(rows)])
+            ran = time.monotonic()
             answered = np.concatenate([output.reshape(len(ordered), -1) for output in outputs], axis=1)
             for index, item in enumerate(ordered):
                 self.ring.outputs[item.slot, :row_width] = answered[index]
@@ -240,10 +242,10 @@ class Engine:
             logger.exception("inference failed for a batch of %d images", len(batch))
             self._answer(ordered, Status.FAILED)
             return
-        elapsed = time.monotonic() - started
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.inference_seconds.observe(elapsed)
-        self._answer(ordered, Status.OK, elapsed, started)
+        self.metrics.gather_seconds.observe(gathered - started)
+        self.metrics.inference_seconds.observe(ran - gathered)
+        self._answer(ordered, Status.OK, ran - gathered, started)
 
     # --- stopping --------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ def test_concurrent_requests_are_batched_and_metrics_move(samples, expected_prov
         assert metric(client, "vit_queue_wait_seconds_count") == 64
         assert metric(client, "vit_preprocess_seconds_count") == 64
         assert metric(client, "vit_inference_seconds_count") == batches
+        assert metric(client, "vit_batch_gather_seconds_count") == batches
+        assert 0 < metric(client, "vit_batch_gather_seconds_sum") < metric(client, "vit_inference_seconds_sum")
         assert (
             f'vit_model_info{{model="fashion-mnist-vit",provider="{expected_provider}",variant="fp32"}} 1.0'
             in client.get("/metrics").text
