@@ -227,9 +227,7 @@ class Engine:
         ordered = images + rows
         started = time.monotonic()
         try:
-            # One copy per image out of the ring (a plain slice copy: memcpy, unlike np.take's loop).
-            for index, item in enumerate(images):
-                pixels[index] = self.ring.pixels[item.slot]
+            self.ring.gather_pixels([item.slot for item in images], pixels)
             for index, item in enumerate(rows):
                 tensors[index] = self.ring.tensors[self.ring.tensor_index(item.slot)]
             gathered = time.monotonic()
