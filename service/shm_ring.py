@@ -203,8 +203,9 @@ def welcome(info_json: bytes) -> bytes:
     return _HEAD.pack(Kind.WELCOME, 0, 0) + info_json
 
 
-def submit(graph: Graph, slots: list[int], deadline: float) -> bytes:
-    return _HEAD.pack(Kind.SUBMIT, graph, len(slots)) + b"".join(_SUBMITTED.pack(s, deadline) for s in slots)
+def submit(graph: Graph, records: Sequence[tuple[int, float]]) -> bytes:
+    """These slots, each with its request's deadline, for this graph."""
+    return _HEAD.pack(Kind.SUBMIT, graph, len(records)) + b"".join(_SUBMITTED.pack(*r) for r in records)
 
 
 def cancel(slots: list[int]) -> bytes:

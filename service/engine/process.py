@@ -209,18 +209,15 @@ class Engine:
         size = self.settings.max_batch_size
         pixels = np.empty((size, height, width, channels), dtype=np.uint8)
         tensors = np.empty((size, channels, height, width), dtype=np.float32)
-        width_of_rows = row_size(runner.rows)
         while (taken := runner.batcher.take()) is not None:
             batch, expired = taken
             if expired:
                 self.metrics.rejections.labels(reason="deadline").inc(len(expired))
                 self._answer(expired, Status.EXPIRED)
             if batch:
-                self._run(runner, batch, pixels, tensors, width_of_rows)
+                self._run(runner, batch, pixels, tensors)
 
-    def _run(
-        self, runner: GraphRunner, batch: list[Item], pixels: np.ndarray, tensors: np.ndarray, row_width: int
-    ) -> None:
+    def _run(self, runner: GraphRunner, batch: list[Item], pixels: np.ndarray, tensors: np.ndarray) -> None:
         # Image rows first, then tensor rows, as the graph answers them.
         images = [item for item in batch if not item.tensor]
         rows = [item for item in batch if item.tensor]
@@ -233,9 +230,12 @@ class Engine:
             gathered = time.monotonic()
             outputs = runner.backend.predict(pixels[: len(images)], tensors[: len(rows)])
             ran = time.monotonic()
-            answered = np.concatenate([output.reshape(len(ordered), -1) for output in outputs], axis=1)
-            for index, item in enumerate(ordered):
-                self.ring.outputs[item.slot, :row_width] = answered[index]
+            slots = np.fromiter((item.slot for item in ordered), dtype=np.intp, count=len(ordered))
+            start = 0
+            for output in outputs:  # each output into its columns of every slot's row, in one copy
+                columns = output.reshape(len(ordered), -1)
+                self.ring.outputs[slots, start : start + columns.shape[1]] = columns
+                start += columns.shape[1]
         except Exception:  # a failed batch fails its own members only, and says so
             logger.exception("inference failed for a batch of %d images", len(batch))
             self._answer(ordered, Status.FAILED)

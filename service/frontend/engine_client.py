@@ -55,6 +55,7 @@ from service.shm_ring import (
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE = 1 << 16
+SUBMIT_RECORDS = 4096  # per message: 12 bytes each keeps a SUBMIT within the engine's MAX_MESSAGE
 RECONNECT_S = 0.05  # between attempts while the engine restarts
 BYTES_PER_IMAGE_WEIGHT = 0.2  # of each new body in the moving average: a few requests to follow a change
 # The learnt bytes per image is a quotient itself: a body N times that size divides back to N plus
@@ -155,6 +156,7 @@ class EngineClient:
         self._free_tensors = list(reversed(layout.tensor_slot_ids(partition)))
         self._bytes_per_image: float | None = None  # of the bodies read so far, a moving average
         self._in_engine: dict[int, _Request | None] = {}  # None: an orphan, freed on its DONE
+        self._outbox: dict[int, _Request] = {}  # handed to the engine in this turn, sent at its end
         self._requests: set[_Request] = set()
         self._decode_pool = DecodePool(settings.resolved_preprocess_threads())
         self._sock: socket.socket | None = None
@@ -278,15 +280,39 @@ class EngineClient:
                 self._send(request, sorted(request.unsent))
 
     def _send(self, request: _Request, slots: list[int]) -> None:
-        assert self._sock is not None
-        try:
-            self._sock.send(submit(request.graph, slots, request.deadline))
-        except OSError:  # the engine is going; the reader sees it and these slots wait for the next one
-            request.unsent.update(slots)
-            return
+        """Hand these slots to the engine. They leave in one SUBMIT with every other slot handed
+        over in this turn of the event loop: one send here and one wake-up of the engine's reader
+        for all of them, instead of one per request."""
         request.unsent.difference_update(slots)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
         for slot in slots:
             self._in_engine[slot] = request
+            self._outbox[slot] = request
+
+    def _flush(self) -> None:
+        """Send what this turn handed over, less what a lost engine gave back meanwhile (it waits
+        in its request's unsent for the next engine)."""
+        outbox, self._outbox = self._outbox, {}
+        records: dict[Graph, list[tuple[int, float]]] = {}
+        for slot, request in outbox.items():
+            if slot in self._in_engine:
+                records.setdefault(request.graph, []).append((slot, request.deadline))
+        for graph, pending in records.items():
+            for start in range(0, len(pending), SUBMIT_RECORDS):
+                self._submit(graph, pending[start : start + SUBMIT_RECORDS])
+
+    def _submit(self, graph: Graph, records: list[tuple[int, float]]) -> None:
+        assert self._sock is not None  # a lost engine takes its slots out of _in_engine first
+        try:
+            self._sock.send(submit(graph, records))
+        except OSError:  # the engine is going; the reader sees it and these slots wait for the next one
+            for slot, _ in records:
+                request = self._in_engine.pop(slot)
+                if request is None:  # its request gave up meanwhile
+                    self._free(slot)
+                else:
+                    request.unsent.add(slot)
 
     async def close(self) -> None:
         if self._connection is not None:
