@@ -30,7 +30,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -186,8 +186,7 @@ _CANCELLED = struct.Struct("<I")
 _DONE = struct.Struct("<IBHff")  # slot, status, batch size, queue wait (s), batch inference (s)
 
 
-@dataclass(frozen=True)
-class Done:
+class Done(NamedTuple):  # a tuple: the engine makes one per image, and a frozen dataclass costs 2 us each
     slot: int
     status: Status
     batch_size: int
@@ -213,7 +212,7 @@ def cancel(slots: list[int]) -> bytes:
 
 
 def done(records: list[Done]) -> bytes:
-    body = b"".join(_DONE.pack(r.slot, r.status, r.batch_size, r.queue_wait_s, r.inference_s) for r in records)
+    body = b"".join(_DONE.pack(*record) for record in records)
     return _HEAD.pack(Kind.DONE, 0, len(records)) + body
 
 
