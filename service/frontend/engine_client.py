@@ -156,7 +156,8 @@ class EngineClient:
         self._free_tensors = list(reversed(layout.tensor_slot_ids(partition)))
         self._bytes_per_image: float | None = None  # of the bodies read so far, a moving average
         self._in_engine: dict[int, _Request | None] = {}  # None: an orphan, freed on its DONE
-        self._outbox: dict[int, _Request] = {}  # handed to the engine in this turn, sent at its end
+        self._outbox: dict[int, _Request] = {}  # handed to the engine (in _in_engine too), not yet sent
+        self._flushing = False  # a flush is scheduled, or waits for the engine's socket to drain
         self._requests: set[_Request] = set()
         self._decode_pool = DecodePool(settings.resolved_preprocess_threads())
         self._sock: socket.socket | None = None
@@ -209,6 +210,7 @@ class EngineClient:
             logger.info("connected to the engine (%s)", self.info.provider)
             await lost
             loop.remove_reader(sock.fileno())
+            loop.remove_writer(sock.fileno())
             sock.close()
             self._sock = None
             self.lifecycle.engine_connected = False
@@ -247,6 +249,9 @@ class EngineClient:
     def _engine_lost(self) -> None:
         """Nothing touches the slots now: orphans are free; waiting requests keep theirs for the next engine."""
         logger.warning("lost the engine: %d image(s) were in it", len(self._in_engine))
+        # The outbox's slots are all in _in_engine, given back below like those the engine had.
+        self._outbox.clear()
+        self._flushing = False
         for slot, request in list(self._in_engine.items()):
             del self._in_engine[slot]
             if request is None:
@@ -284,28 +289,41 @@ class EngineClient:
         over in this turn of the event loop: one send here and one wake-up of the engine's reader
         for all of them, instead of one per request."""
         request.unsent.difference_update(slots)
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
         for slot in slots:
             self._in_engine[slot] = request
             self._outbox[slot] = request
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Send what this turn handed over, less what a lost engine gave back meanwhile (it waits
-        in its request's unsent for the next engine)."""
-        outbox, self._outbox = self._outbox, {}
-        records: dict[Graph, list[tuple[int, float]]] = {}
-        for slot, request in outbox.items():
-            if slot in self._in_engine:
-                records.setdefault(request.graph, []).append((slot, request.deadline))
-        for graph, pending in records.items():
-            for start in range(0, len(pending), SUBMIT_RECORDS):
-                self._submit(graph, pending[start : start + SUBMIT_RECORDS])
+        """Send the outbox, a SUBMIT per graph. What the socket cannot take yet (the engine's
+        reader is behind) waits for it to drain: it is in the engine's hands already, and a
+        request must not wait on an engine that was never told."""
+        self._flushing = False
+        while self._outbox:
+            graph = next(iter(self._outbox.values())).graph
+            slots = [slot for slot, request in self._outbox.items() if request.graph == graph][:SUBMIT_RECORDS]
+            if not self._submit(graph, [(slot, self._outbox[slot].deadline) for slot in slots]):
+                assert self._sock is not None
+                self._flushing = True
+                asyncio.get_running_loop().add_writer(self._sock.fileno(), self._drained)
+                return
+            for slot in slots:
+                del self._outbox[slot]
 
-    def _submit(self, graph: Graph, records: list[tuple[int, float]]) -> None:
-        assert self._sock is not None  # a lost engine takes its slots out of _in_engine first
+    def _drained(self) -> None:
+        assert self._sock is not None
+        asyncio.get_running_loop().remove_writer(self._sock.fileno())
+        self._flush()
+
+    def _submit(self, graph: Graph, records: list[tuple[int, float]]) -> bool:
+        """False if the socket is full; True once sent, or once given back because the engine is going."""
+        assert self._sock is not None  # a lost engine empties the outbox
         try:
             self._sock.send(submit(graph, records))
+        except BlockingIOError:
+            return False
         except OSError:  # the engine is going; the reader sees it and these slots wait for the next one
             for slot, _ in records:
                 request = self._in_engine.pop(slot)
@@ -313,6 +331,7 @@ class EngineClient:
                     self._free(slot)
                 else:
                     request.unsent.add(slot)
+        return True
 
     async def close(self) -> None:
         if self._connection is not None:

@@ -6,8 +6,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
+import pytest
 
 from model_export.manifest import Manifest
 from service.frontend.decode import Decoder
@@ -17,58 +19,110 @@ from service.metrics import FrontendMetrics
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.shm_ring import Done, Graph, Kind, Ring, RingLayout, Status, done, kind_of, parse_submit, welcome
 
-REQUESTS = 5
+MESSAGE = 1 << 16
 
 
-def test_requests_handed_over_in_one_turn_of_the_loop_share_one_submit_and_each_gets_its_own_row():
-    manifest = Manifest.read(DEFAULT_MODEL_DIR)
-    settings = Settings(frontend_processes=1, max_queue_images=8, max_images_per_request=1)
-    ring = Ring.create(RingLayout.for_model(manifest, 1, 8, REQUESTS))
-    classes = manifest.num_classes
-    info = {
-        "provider": "CPUExecutionProvider",
-        "requested_providers": ["CPUExecutionProvider"],
-        "session_workers": 1,
-        "intra_op_threads": 1,
-        "rows": {"plain": [["logits", [classes]]]},
-    }
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    return Manifest.read(DEFAULT_MODEL_DIR)
 
-    async def scenario() -> None:
+
+class FakeEngine:
+    """The engine's side of the socket, played by the test: it welcomes the client, reads its
+    SUBMITs, and answers each slot with its input's first value as every logit."""
+
+    def __init__(self, manifest: Manifest, tensor_slots: int) -> None:
+        self.ring = Ring.create(RingLayout.for_model(manifest, 1, 8, tensor_slots))
+        self.classes = manifest.num_classes
+        self.settings = Settings(frontend_processes=1, max_queue_images=8, max_images_per_request=1)
+        self.address = f"\0vit-engine-client-test-{os.getpid()}"
+        lifecycle = Lifecycle(self.settings.retry_after_s, lambda: None, lambda _: None)
+        decoder = Decoder(manifest.preprocessing, self.settings.max_image_pixels)
+        self.client = EngineClient(self.ring, 0, self.address, self.settings, decoder, lifecycle, FrontendMetrics())
+
+    async def connect(self, listener: socket.socket) -> socket.socket:
         loop = asyncio.get_running_loop()
-        address = f"\0vit-engine-client-test-{os.getpid()}"
+        connecting = asyncio.create_task(self.client.start(timeout_s=10))
+        engine, _ = await loop.sock_accept(listener)
+        assert kind_of(await loop.sock_recv(engine, MESSAGE)) == Kind.HELLO
+        info = {
+            "provider": "CPUExecutionProvider",
+            "requested_providers": ["CPUExecutionProvider"],
+            "session_workers": 1,
+            "intra_op_threads": 1,
+            "rows": {"plain": [["logits", [self.classes]]]},
+        }
+        await loop.sock_sendall(engine, welcome(json.dumps(info).encode()))
+        await connecting
+        return engine
+
+    def classify(self, value: float) -> asyncio.Task[np.ndarray]:
+        """One request of one FP32 row filled with `value`: no decode, so it reaches the engine in
+        the turn it starts in."""
+
+        async def request() -> np.ndarray:
+            row = np.full(self.ring.layout.tensor_shape, value, np.float32)
+            with self.client.admitted() as admission:
+                answer = await self.client.run(admission, [row], deadline=time.monotonic() + 30)
+            return answer.rows[0]["logits"]
+
+        return asyncio.create_task(request())
+
+    async def answer(self, engine: socket.socket, slots: list[int]) -> None:
+        for slot in slots:
+            self.ring.outputs[slot, : self.classes] = self.ring.tensors[self.ring.tensor_index(slot)].flat[0]
+        records = [Done(slot, Status.OK, len(slots), 0.0, 0.001) for slot in slots]
+        await asyncio.get_running_loop().sock_sendall(engine, done(records))
+
+
+def serve(fake: FakeEngine, scenario: Callable[[socket.socket], Awaitable[None]]) -> None:
+    async def run() -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
-            listener.bind(address)
+            listener.bind(fake.address)
             listener.listen(1)
             listener.setblocking(False)
-            lifecycle = Lifecycle(settings.retry_after_s, lambda: None, lambda _: None)
-            decoder = Decoder(manifest.preprocessing, settings.max_image_pixels)
-            client = EngineClient(ring, 0, address, settings, decoder, lifecycle, FrontendMetrics())
-            connecting = asyncio.create_task(client.start(timeout_s=10))
-            engine, _ = await loop.sock_accept(listener)
+            engine = await fake.connect(listener)
             with engine:
-                assert kind_of(await loop.sock_recv(engine, 1 << 16)) == Kind.HELLO
-                await loop.sock_sendall(engine, welcome(json.dumps(info).encode()))
-                await connecting
+                await scenario(engine)
+            await fake.client.close()
 
-                async def classify(row: np.ndarray) -> np.ndarray:
-                    with client.admitted() as admission:
-                        answer = await client.run(admission, [row], deadline=time.monotonic() + 10)
-                    return answer.rows[0]["logits"]
+    asyncio.run(run())
 
-                # FP32 rows need no decode: every request reaches the engine in the turn it starts in.
-                shape = ring.layout.tensor_shape
-                requests = [asyncio.create_task(classify(np.full(shape, i, np.float32))) for i in range(REQUESTS)]
-                graph, records = parse_submit(await loop.sock_recv(engine, 1 << 16))
-                assert graph == Graph.PLAIN and len(records) == REQUESTS
 
-                # Play the engine: each slot's logits are its input's value, then one DONE for all.
-                for slot, _ in records:
-                    ring.outputs[slot, :classes] = ring.tensors[ring.tensor_index(slot)].flat[0]
-                answers = [Done(slot, Status.OK, REQUESTS, 0.0, 0.001) for slot, _ in records]
-                await loop.sock_sendall(engine, done(answers))
-                logits = await asyncio.gather(*requests)
-            await client.close()
-        for i, row in enumerate(logits):
-            assert row.shape == (classes,) and (row == i).all()
+def test_requests_handed_over_in_one_turn_of_the_loop_share_one_submit_and_each_gets_its_own_row(manifest):
+    fake = FakeEngine(manifest, tensor_slots=5)
 
-    asyncio.run(scenario())
+    async def scenario(engine: socket.socket) -> None:
+        requests = [fake.classify(i) for i in range(5)]
+        graph, records = parse_submit(await asyncio.get_running_loop().sock_recv(engine, MESSAGE))
+        assert graph == Graph.PLAIN and len(records) == 5
+        await fake.answer(engine, [slot for slot, _ in records])
+        for i, logits in enumerate(await asyncio.gather(*requests)):
+            assert logits.shape == (fake.classes,) and (logits == i).all()
+
+    serve(fake, scenario)
+
+
+def test_submits_the_engine_is_too_slow_to_read_wait_for_its_socket_to_drain(manifest):
+    """An engine whose reader falls behind fills the front-end's socket (a few hundred messages by
+    default): the SUBMITs that do not fit leave once it drains, none is lost."""
+    count = 1200
+    fake = FakeEngine(manifest, tensor_slots=count)
+
+    async def scenario(engine: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        requests = []
+        for i in range(count):  # a turn each, so a SUBMIT each, and nobody reads them yet
+            requests.append(fake.classify(i))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        submitted: list[int] = []
+        while len(submitted) < count:
+            _, records = parse_submit(await asyncio.wait_for(loop.sock_recv(engine, MESSAGE), 10))
+            submitted += [slot for slot, _ in records]
+        assert sorted(submitted) == sorted(set(submitted))
+        await fake.answer(engine, submitted)
+        for i, logits in enumerate(await asyncio.gather(*requests)):
+            assert (logits == i).all()
+
+    serve(fake, scenario)
