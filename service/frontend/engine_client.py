@@ -156,8 +156,9 @@ class EngineClient:
         self._free_tensors = list(reversed(layout.tensor_slot_ids(partition)))
         self._bytes_per_image: float | None = None  # of the bodies read so far, a moving average
         self._in_engine: dict[int, _Request | None] = {}  # None: an orphan, freed on its DONE
-        self._outbox: dict[int, _Request] = {}  # handed to the engine (in _in_engine too), not yet sent
-        self._flushing = False  # a flush is scheduled, or waits for the engine's socket to drain
+        # Handed to the engine (in _in_engine too), not yet sent. While it holds anything a flush is
+        # on its way: scheduled this turn, or waiting for the engine's socket to drain.
+        self._outbox: dict[int, _Request] = {}
         self._requests: set[_Request] = set()
         self._decode_pool = DecodePool(settings.resolved_preprocess_threads())
         self._sock: socket.socket | None = None
@@ -251,7 +252,6 @@ class EngineClient:
         logger.warning("lost the engine: %d image(s) were in it", len(self._in_engine))
         # The outbox's slots are all in _in_engine, given back below like those the engine had.
         self._outbox.clear()
-        self._flushing = False
         for slot, request in list(self._in_engine.items()):
             del self._in_engine[slot]
             if request is None:
@@ -289,24 +289,21 @@ class EngineClient:
         over in this turn of the event loop: one send here and one wake-up of the engine's reader
         for all of them, instead of one per request."""
         request.unsent.difference_update(slots)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
         for slot in slots:
             self._in_engine[slot] = request
             self._outbox[slot] = request
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         """Send the outbox, a SUBMIT per graph. What the socket cannot take yet (the engine's
         reader is behind) waits for it to drain: it is in the engine's hands already, and a
         request must not wait on an engine that was never told."""
-        self._flushing = False
         while self._outbox:
             graph = next(iter(self._outbox.values())).graph
             slots = [slot for slot, request in self._outbox.items() if request.graph == graph][:SUBMIT_RECORDS]
             if not self._submit(graph, [(slot, self._outbox[slot].deadline) for slot in slots]):
                 assert self._sock is not None
-                self._flushing = True
                 asyncio.get_running_loop().add_writer(self._sock.fileno(), self._drained)
                 return
             for slot in slots:
