@@ -65,8 +65,8 @@ class EngineMetrics:
             "vit_inference_seconds", "onnxruntime time per batch", buckets=_SECONDS, registry=None
         )
         # Triton's compute_input: copying each image's pixels (150 KB at 224 px) out of its slot is
-        # a large share of the engine's own CPU on a host with little memory bandwidth (18-30 of
-        # 80-106 us per image on the 2-core build machine, measured alone).
+        # a large share of the engine's own CPU on a host with little memory bandwidth (17-32 of
+        # 52-87 us per image on the 2-core build machine, measured alone; most of it at batch 64).
         self.gather_seconds = Histogram(
             "vit_batch_gather_seconds",
             "time per batch copying its inputs out of their slots",

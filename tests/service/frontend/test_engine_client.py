@@ -13,13 +13,11 @@ import pytest
 
 from model_export.manifest import Manifest
 from service.frontend.decode import Decoder
-from service.frontend.engine_client import EngineClient
+from service.frontend.engine_client import MAX_MESSAGE, EngineClient
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.shm_ring import Done, Graph, Kind, Ring, RingLayout, Status, done, kind_of, parse_submit, welcome
-
-MESSAGE = 1 << 16
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +42,7 @@ class FakeEngine:
         loop = asyncio.get_running_loop()
         connecting = asyncio.create_task(self.client.start(timeout_s=10))
         engine, _ = await loop.sock_accept(listener)
-        assert kind_of(await loop.sock_recv(engine, MESSAGE)) == Kind.HELLO
+        assert kind_of(await loop.sock_recv(engine, MAX_MESSAGE)) == Kind.HELLO
         info = {
             "provider": "CPUExecutionProvider",
             "requested_providers": ["CPUExecutionProvider"],
@@ -94,7 +92,7 @@ def test_requests_handed_over_in_one_turn_of_the_loop_share_one_submit_and_each_
 
     async def scenario(engine: socket.socket) -> None:
         requests = [fake.classify(i) for i in range(5)]
-        graph, records = parse_submit(await asyncio.get_running_loop().sock_recv(engine, MESSAGE))
+        graph, records = parse_submit(await asyncio.get_running_loop().sock_recv(engine, MAX_MESSAGE))
         assert graph == Graph.PLAIN and len(records) == 5
         await fake.answer(engine, [slot for slot, _ in records])
         for i, logits in enumerate(await asyncio.gather(*requests)):
@@ -118,7 +116,7 @@ def test_submits_the_engine_is_too_slow_to_read_wait_for_its_socket_to_drain(man
             await asyncio.sleep(0)
         submitted: list[int] = []
         while len(submitted) < count:
-            _, records = parse_submit(await asyncio.wait_for(loop.sock_recv(engine, MESSAGE), 10))
+            _, records = parse_submit(await asyncio.wait_for(loop.sock_recv(engine, MAX_MESSAGE), 10))
             submitted += [slot for slot, _ in records]
         assert sorted(submitted) == sorted(set(submitted))
         await fake.answer(engine, submitted)
