@@ -156,9 +156,11 @@ class EngineClient:
         self._free_tensors = list(reversed(layout.tensor_slot_ids(partition)))
         self._bytes_per_image: float | None = None  # of the bodies read so far, a moving average
         self._in_engine: dict[int, _Request | None] = {}  # None: an orphan, freed on its DONE
-        # Handed to the engine (in _in_engine too), not yet sent. While it holds anything a flush is
-        # on its way: scheduled this turn, or waiting for the engine's socket to drain.
+        # Handed to the engine (in _in_engine too), not yet sent; and orphans the engine has, not yet
+        # cancelled there. While either holds anything a flush is on its way: scheduled this turn,
+        # or waiting for the engine's socket to drain.
         self._outbox: dict[int, _Request] = {}
+        self._cancels: list[int] = []
         self._requests: set[_Request] = set()
         self._decode_pool = DecodePool(settings.resolved_preprocess_threads())
         self._sock: socket.socket | None = None
@@ -252,6 +254,7 @@ class EngineClient:
         logger.warning("lost the engine: %d image(s) were in it", len(self._in_engine))
         # The outbox's slots are all in _in_engine, given back below like those the engine had.
         self._outbox.clear()
+        self._cancels.clear()
         for slot, request in list(self._in_engine.items()):
             del self._in_engine[slot]
             if request is None:
@@ -289,38 +292,60 @@ class EngineClient:
         over in this turn of the event loop: one send here and one wake-up of the engine's reader
         for all of them, instead of one per request."""
         request.unsent.difference_update(slots)
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._flush_soon()
         for slot in slots:
             self._in_engine[slot] = request
             self._outbox[slot] = request
 
+    def _flush_soon(self) -> None:
+        """At the end of this turn, unless a flush is on its way already."""
+        if not self._outbox and not self._cancels:
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
-        """Send the outbox, a SUBMIT per graph. What the socket cannot take yet (the engine's
-        reader is behind) waits for it to drain: it is in the engine's hands already, and a
-        request must not wait on an engine that was never told."""
+        """Send the cancels in a CANCEL, then the outbox, a SUBMIT per graph. What the socket cannot
+        take yet (the engine's reader is behind) waits for it to drain: a SUBMIT is in the engine's
+        hands already, and a request must not wait on an engine that was never told; a dropped
+        CANCEL would run images that nobody waits for."""
+        while self._cancels:
+            try:
+                if not self._try_send(cancel(self._cancels[:SUBMIT_RECORDS])):
+                    self._wait_for_drain()
+                    return
+            except OSError:  # the engine is going: losing it frees the orphans
+                pass
+            del self._cancels[:SUBMIT_RECORDS]
         while self._outbox:
             graph = next(iter(self._outbox.values())).graph
             slots = [slot for slot, request in self._outbox.items() if request.graph == graph][:SUBMIT_RECORDS]
             if not self._submit(graph, [(slot, self._outbox[slot].deadline) for slot in slots]):
-                assert self._sock is not None
-                asyncio.get_running_loop().add_writer(self._sock.fileno(), self._drained)
+                self._wait_for_drain()
                 return
             for slot in slots:
                 del self._outbox[slot]
+
+    def _wait_for_drain(self) -> None:
+        assert self._sock is not None
+        asyncio.get_running_loop().add_writer(self._sock.fileno(), self._drained)
 
     def _drained(self) -> None:
         assert self._sock is not None
         asyncio.get_running_loop().remove_writer(self._sock.fileno())
         self._flush()
 
-    def _submit(self, graph: Graph, records: list[tuple[int, float]]) -> bool:
-        """False if the socket is full; True once sent, or once given back because the engine is going."""
-        assert self._sock is not None  # a lost engine empties the outbox
+    def _try_send(self, message: bytes) -> bool:
+        """False if the socket is full; any other OSError means the engine is going."""
+        assert self._sock is not None  # a lost engine empties the outbox and the cancels
         try:
-            self._sock.send(submit(graph, records))
+            self._sock.send(message)
         except BlockingIOError:
             return False
+        return True
+
+    def _submit(self, graph: Graph, records: list[tuple[int, float]]) -> bool:
+        """False if the socket is full; True once sent, or once given back because the engine is going."""
+        try:
+            return self._try_send(submit(graph, records))
         except OSError:  # the engine is going; the reader sees it and these slots wait for the next one
             for slot, _ in records:
                 request = self._in_engine.pop(slot)
@@ -557,11 +582,14 @@ class EngineClient:
             request.outcome.exception()  # seen: a failure that lost the race to a timeout is no news
         orphans = []
         for slot in request.slots:
-            if slot in self._in_engine:
+            if self._outbox.pop(slot, None) is not None:  # never sent: the engine knows nothing of it
+                del self._in_engine[slot]
+                self._free(slot)
+            elif slot in self._in_engine:
                 self._in_engine[slot] = None
                 orphans.append(slot)
             else:
                 self._free(slot)
-        if orphans and self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.send(cancel(orphans))
+        if orphans:
+            self._flush_soon()
+            self._cancels += orphans

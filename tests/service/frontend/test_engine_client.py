@@ -17,7 +17,19 @@ from service.frontend.engine_client import MAX_MESSAGE, EngineClient
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
 from service.settings import DEFAULT_MODEL_DIR, Settings
-from service.shm_ring import Done, Graph, Kind, Ring, RingLayout, Status, done, kind_of, parse_submit, welcome
+from service.shm_ring import (
+    Done,
+    Graph,
+    Kind,
+    Ring,
+    RingLayout,
+    Status,
+    done,
+    kind_of,
+    parse_cancel,
+    parse_submit,
+    welcome,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +78,14 @@ class FakeEngine:
 
         return asyncio.create_task(request())
 
-    async def answer(self, engine: socket.socket, slots: list[int]) -> None:
+    def value(self, slot: int) -> float:
+        """What the request in this slot filled its row with: which request it is."""
+        return float(self.ring.tensors[self.ring.tensor_index(slot)].flat[0])
+
+    async def answer(self, engine: socket.socket, slots: list[int], status: Status = Status.OK) -> None:
         for slot in slots:
-            self.ring.outputs[slot, : self.classes] = self.ring.tensors[self.ring.tensor_index(slot)].flat[0]
-        records = [Done(slot, Status.OK, len(slots), 0.0, 0.001) for slot in slots]
+            self.ring.outputs[slot, : self.classes] = self.value(slot)
+        records = [Done(slot, status, len(slots), 0.0, 0.001) for slot in slots]
         await asyncio.get_running_loop().sock_sendall(engine, done(records))
 
 
@@ -101,6 +117,15 @@ def test_requests_handed_over_in_one_turn_of_the_loop_share_one_submit_and_each_
     serve(fake, scenario)
 
 
+async def _one_submit_each(fake: FakeEngine, count: int) -> list[asyncio.Task[np.ndarray]]:
+    requests = []
+    for i in range(count):  # a turn each, so a SUBMIT each
+        requests.append(fake.classify(i))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    return requests
+
+
 def test_submits_the_engine_is_too_slow_to_read_wait_for_its_socket_to_drain(manifest):
     """An engine whose reader falls behind fills the front-end's socket (a few hundred messages by
     default): the SUBMITs that do not fit leave once it drains, none is lost."""
@@ -109,11 +134,7 @@ def test_submits_the_engine_is_too_slow_to_read_wait_for_its_socket_to_drain(man
 
     async def scenario(engine: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        requests = []
-        for i in range(count):  # a turn each, so a SUBMIT each, and nobody reads them yet
-            requests.append(fake.classify(i))
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+        requests = await _one_submit_each(fake, count)  # nobody reads them yet
         submitted: list[int] = []
         while len(submitted) < count:
             _, records = parse_submit(await asyncio.wait_for(loop.sock_recv(engine, MAX_MESSAGE), 10))
@@ -122,5 +143,37 @@ def test_submits_the_engine_is_too_slow_to_read_wait_for_its_socket_to_drain(man
         await fake.answer(engine, submitted)
         for i, logits in enumerate(await asyncio.gather(*requests)):
             assert (logits == i).all()
+
+    serve(fake, scenario)
+
+
+def test_requests_abandoned_behind_a_full_socket_are_cancelled_in_the_engine_or_never_sent(manifest):
+    """Clients that leave while the engine's socket is full: what the engine was told of gets a
+    CANCEL once the socket drains (none is dropped), and what it was not told of is never sent."""
+    count, abandoned = 1200, [*range(10), *range(1190, 1200)]
+    fake = FakeEngine(manifest, tensor_slots=count)
+
+    async def scenario(engine: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        requests = await _one_submit_each(fake, count)  # nobody reads them: the socket fills
+        for i in abandoned:
+            requests[i].cancel()
+        await asyncio.sleep(0.1)
+        submitted: dict[float, int] = {}
+        cancelled: set[float] = set()
+        live = set(range(count)) - set(abandoned)
+        while not (live <= submitted.keys() and submitted.keys() - live <= cancelled):
+            message = await asyncio.wait_for(loop.sock_recv(engine, MAX_MESSAGE), 10)
+            if kind_of(message) == Kind.CANCEL:
+                cancelled |= {fake.value(slot) for slot in parse_cancel(message)}
+            else:
+                for slot, _ in parse_submit(message)[1]:
+                    assert fake.value(slot) not in submitted
+                    submitted[fake.value(slot)] = slot
+        assert cancelled and cancelled <= set(abandoned)  # the first ones were sent before their clients left
+        await fake.answer(engine, [submitted[i] for i in sorted(cancelled)], Status.CANCELLED)
+        await fake.answer(engine, [submitted[i] for i in sorted(live)])
+        for i in sorted(live):
+            assert (await requests[i] == i).all()
 
     serve(fake, scenario)
