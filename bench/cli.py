@@ -26,7 +26,8 @@ from bench.reproduce import export_bench_models, summary_table
 from bench.soak import soak
 from bench.throughput import BenchResult, run_bench
 from model_export.manifest import Manifest
-from service.settings import DEFAULT_MODEL_DIR, available_cores
+from service.cores import available_cores
+from service.settings import DEFAULT_MODEL_DIR
 
 
 def _photo_jpeg(name: str, size: tuple[int, int]) -> bytes:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.cores import available_cores
+
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-
-
-def available_cores() -> int:
-    """Cores this process may use (the cgroup/affinity view, not the host's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -105,8 +98,13 @@ class Settings(BaseSettings):
     def resolved_frontends(self) -> int:
         if self.frontend_processes != "auto":
             return max(1, self.frontend_processes)
-        # One per core, at most 8: measured by `vit-bench host-path`.
-        return min(available_cores(), 8)
+        cores = available_cores()
+        if self.providers == "cuda":
+            # The GPU runs the model and the engine needs about one core: the front-ends, doing all
+            # the rest, set the ceiling (`vit-bench host-path` prints it), so they get every other core.
+            return max(1, cores - 1)
+        # On CPU the sessions need the cores too: one per core, at most 8 (`vit-bench host-path`).
+        return min(cores, 8)
 
     def image_slots_per_frontend(self) -> int:
         """Each front-end admits its share of max_queue_images, and at least one full request."""

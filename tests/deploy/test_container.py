@@ -43,4 +43,6 @@ def test_gpu_image_refuses_to_start_without_a_gpu_when_cuda_is_required(report):
 
 def test_gpu_image_serves_on_cpu_when_told_to(report):
     _expect(report, "GPU image on CPU: expected 'Trouser', got 'Trouser'")
+    # A CPU limit is a cgroup quota: the server sizes itself by it, not by the cores it can see.
+    _expect(report, "sized by a 1.5-CPU quota: 1 front-end(s), 1 session(s)")
     _expect(report, "exit status 0\n")

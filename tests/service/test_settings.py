@@ -1,6 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
+from service.cores import available_cores
 from service.settings import Settings
 from tests.conftest import REPO
 
@@ -23,6 +24,13 @@ def test_inconsistent_or_invalid_settings_are_refused():
         Settings(max_queue_images=4, max_images_per_request=8)
     with pytest.raises(ValidationError):
         Settings(providers="tpu")
+
+
+def test_front_ends_default_to_one_per_core_and_on_cuda_leave_the_engine_one():
+    cores = available_cores()
+    assert Settings().resolved_frontends() == min(cores, 8)
+    assert Settings(providers="cuda").resolved_frontends() == max(1, cores - 1)
+    assert Settings(providers="cuda", frontend_processes=3).resolved_frontends() == 3
 
 
 def test_session_workers_default_to_one_per_core_on_cpu_and_one_on_cuda():
