@@ -92,13 +92,19 @@ class Settings(BaseSettings):
         # by vit-bench); on a GPU one session owns the device.
         return 1 if on_cuda else max(1, available_cores() // self.intra_op_threads)
 
-    def resolved_preprocess_threads(self) -> int:
-        return self.preprocess_threads or available_cores()
+    def resolved_preprocess_threads(self, cores: int | None = None) -> int:
+        """Decode threads in each front-end."""
+        if self.preprocess_threads:
+            return self.preprocess_threads
+        cores = cores or available_cores()
+        # Enough for every core to decode at once across the front-ends, and two in each, so that
+        # one large upload does not hold up the small ones behind it.
+        return max(2, -(-cores // self.resolved_frontends(cores)))
 
-    def resolved_frontends(self) -> int:
+    def resolved_frontends(self, cores: int | None = None) -> int:
         if self.frontend_processes != "auto":
             return max(1, self.frontend_processes)
-        cores = available_cores()
+        cores = cores or available_cores()
         if self.providers == "cuda":
             # The GPU runs the model and the engine needs about one core: the front-ends, doing all
             # the rest, set the ceiling (`vit-bench host-path` prints it), so they get every other core.
