@@ -43,7 +43,7 @@ def _cgroup_folders(root: Path) -> Iterator[Path]:
     except OSError:
         return
     for membership in memberships:
-        _, controllers, path = membership.split(":", 2)
+        controllers, _, path = membership.partition(":")[2].partition(":")  # "id:controllers:path"
         if controllers == "":  # cgroup v2: one hierarchy, mounted at the base
             mount = base
         elif "cpu" in controllers.split(","):  # v1: the cpu controller's own mount, e.g. cpu,cpuacct
