@@ -109,10 +109,17 @@ def test_kubernetes_manifests_validate_strictly(kustomization):
     assert {document["kind"] for document in documents} == KUSTOMIZATIONS[kustomization]
 
 
+def _assert_whole_cores_for_the_front_ends(container: dict) -> None:
+    """As many cores asked for as allowed, whole ones: a GPU pod's front-ends are sized by its CPU limit."""
+    cpu = {kind: container["resources"][kind]["cpu"] for kind in ("requests", "limits")}
+    assert cpu["requests"] == cpu["limits"] and cpu["limits"].isdigit() and int(cpu["limits"]) >= 4
+
+
 def test_the_gpu_overlay_asks_for_a_gpu_and_the_gpu_image():
     deployment = _one(_render("docker/k8s/overlays/gpu"), "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "vit-serve:gpu" and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    _assert_whole_cores_for_the_front_ends(container)
     # The image's batch of 64: nothing in the manifests overrides it (test_no_manifest_overrides_the_images_batch_size).
     assert _env(container)["VIT_REQUIRE_REQUESTED_PROVIDER"] == "true" and "VIT_MAX_BATCH_SIZE" not in _env(container)
 
@@ -150,6 +157,7 @@ def test_the_kserve_examples_run_the_image_as_a_v2_custom_predictor_with_its_pro
         (metric,) = predictor["autoScaling"]["metrics"]
         assert metric["external"]["metric"]["query"] == 'sum(vit_images_in_flight{pod=~"vit-serve-gpu-predictor-.+"})'
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "VIT_MAX_BATCH_SIZE" not in _env(container)
+        _assert_whole_cores_for_the_front_ends(container)
 
 
 def test_the_gpu_image_batches_64_and_the_cpu_image_the_default_8():
