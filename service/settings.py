@@ -107,8 +107,10 @@ class Settings(BaseSettings):
         cores = cores or available_cores()
         if self.providers == "cuda":
             # The GPU runs the model and the engine needs about one core: the front-ends, doing all
-            # the rest, set the ceiling (`vit-bench host-path` prints it), so they get every other core.
-            return max(1, cores - 1)
+            # the rest, set the ceiling (`vit-bench host-path` prints it), so they get every other
+            # core. At most 16, more than one GPU needs: a container given no CPU limit on a big
+            # multi-GPU host must not start one per core of the host.
+            return min(max(1, cores - 1), 16)
         # On CPU the sessions need the cores too: one per core, at most 8 (`vit-bench host-path`).
         return min(cores, 8)
 

@@ -29,13 +29,13 @@ def test_inconsistent_or_invalid_settings_are_refused():
 def test_front_ends_default_to_one_per_core_and_on_cuda_leave_the_engine_one():
     assert Settings().resolved_frontends() == min(available_cores(), 8)
     assert [Settings().resolved_frontends(cores) for cores in (1, 2, 16, 64)] == [1, 2, 8, 8]
-    assert [Settings(providers="cuda").resolved_frontends(cores) for cores in (1, 2, 16, 64)] == [1, 1, 15, 63]
+    assert [Settings(providers="cuda").resolved_frontends(cores) for cores in (1, 2, 16, 64)] == [1, 1, 15, 16]
     assert Settings(providers="cuda", frontend_processes=3).resolved_frontends(64) == 3
 
 
 def test_decode_threads_cover_the_cores_across_the_front_ends_with_two_in_each_at_least():
     assert [Settings().resolved_preprocess_threads(cores) for cores in (1, 2, 16, 64)] == [2, 2, 2, 8]
-    assert [Settings(providers="cuda").resolved_preprocess_threads(cores) for cores in (2, 16, 64)] == [2, 2, 2]
+    assert [Settings(providers="cuda").resolved_preprocess_threads(cores) for cores in (2, 16, 64)] == [2, 2, 4]
     assert Settings(preprocess_threads=5).resolved_preprocess_threads(64) == 5
 
 
