@@ -113,7 +113,7 @@ class Supervisor:
             [sys.executable, "-m", module, boot.name],  # the name is for `ps`: the child reads stdin only
             stdin=subprocess.PIPE,
             pass_fds=fds,
-            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir},
+            env=self._child_environment(),
             process_group=0,  # a terminal's Ctrl-C reaches the supervisor only: it forwards once
         )
         os.close(status_write)
@@ -125,6 +125,12 @@ class Supervisor:
         self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
         self.selector.register(status_read, selectors.EVENT_READ, ("status", child))
         return child
+
+    def _child_environment(self) -> dict[str, str]:
+        # numpy's OpenBLAS starts a thread per core it can see (the host's, not the CPU limit) in
+        # every process that imports it, and nothing here multiplies matrices with it: onnxruntime
+        # has its own kernels. A user's own setting still wins.
+        return {"OPENBLAS_NUM_THREADS": "1", **os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
 
     def _forget(self, child: Child) -> int:
         """Reap a child that exited: close its descriptors and drop its live gauges; its exit code."""

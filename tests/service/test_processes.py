@@ -56,6 +56,14 @@ def test_the_ring_is_an_anonymous_memfd_that_every_process_maps(samples, shm_bef
     assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
 
 
+def test_a_front_end_runs_its_event_loop_decode_threads_and_log_writer_and_no_blas_pool(samples):
+    settings = Settings(frontend_processes=2)
+    with run_server(frontend_processes=2) as server, server.client() as client:
+        assert client.post("/classify", files=_png_files(samples)).status_code == 200
+        threads = len(list(Path(f"/proc/{children(server)['frontend-0']}/task").iterdir()))
+        assert threads <= 1 + settings.resolved_preprocess_threads() + 1
+
+
 def test_both_front_ends_serve_and_the_metrics_add_up_across_them(samples):
     with run_server(frontend_processes=2) as server:
         sent = 60
