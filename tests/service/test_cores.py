@@ -21,31 +21,32 @@ def _tree(root: Path, memberships: str, files: dict[str, str]) -> Path:
     return root
 
 
-def test_a_container_limited_to_one_and_a_half_cpus_on_cgroup_v2_gets_one_core(tmp_path):
-    # With a cgroup namespace (Docker's and containerd's default on v2) the container's cgroup is the root.
-    root = _tree(tmp_path, "0::/\n", {"cpu.max": "150000 100000\n"})
-    assert cgroup_cpu_quota(root) == 1.5
-    assert available_cores(root) == 1
-
-
-def test_without_a_namespace_the_tightest_of_the_cgroup_and_its_parents_applies(tmp_path):
-    root = _tree(
-        tmp_path,
-        "0::/kubepods/pod-a/container-b\n",
-        {"kubepods/pod-a/cpu.max": "300000 100000\n", "kubepods/pod-a/container-b/cpu.max": "max 100000\n"},
-    )
-    assert cgroup_cpu_quota(root) == 3.0
-    assert available_cores(root) == min(AFFINITY, 3)
-
-
-def test_cgroup_v1_quota_is_read_from_the_cpu_controllers_mount(tmp_path):
-    root = _tree(
-        tmp_path,
-        "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n",
-        {"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
-    )
-    assert cgroup_cpu_quota(root) == 0.5
-    assert available_cores(root) == 1  # at least one, whatever the quota
+@pytest.mark.parametrize(
+    ("memberships", "files", "quota", "cores"),
+    [
+        # With a cgroup namespace (Docker's and containerd's default on v2) the container's cgroup is the root.
+        ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5, 1),
+        # Without one, the tightest of the process's cgroup and its parents applies.
+        (
+            "0::/kubepods/pod-a/container-b\n",
+            {"kubepods/pod-a/cpu.max": "300000 100000\n", "kubepods/pod-a/container-b/cpu.max": "max 100000\n"},
+            3.0,
+            min(AFFINITY, 3),
+        ),
+        # cgroup v1: the cpu controller's own mount; below one core, still one.
+        (
+            "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            0.5,
+            1,
+        ),
+    ],
+    ids=["v2-container-1.5-cpus", "v2-pod-limit-above-the-container", "v1-half-a-cpu"],
+)
+def test_a_cpu_quota_caps_the_affinity(tmp_path, memberships, files, quota, cores):
+    root = _tree(tmp_path, memberships, files)
+    assert cgroup_cpu_quota(root) == quota
+    assert available_cores(root) == cores
 
 
 @pytest.mark.parametrize(
