@@ -92,14 +92,14 @@ class Settings(BaseSettings):
         # by vit-bench); on a GPU one session owns the device.
         return 1 if on_cuda else max(1, available_cores() // self.intra_op_threads)
 
-    def resolved_preprocess_threads(self, cores: int | None = None) -> int:
-        """Decode threads in each front-end."""
+    def resolved_preprocess_threads(self, frontends: int, cores: int | None = None) -> int:
+        """Decode threads in each of the server's `frontends` front-ends."""
         if self.preprocess_threads:
             return self.preprocess_threads
         cores = cores or available_cores()
         # Enough for every core to decode at once across the front-ends, and two in each, so that
         # one large upload does not hold up the small ones behind it.
-        return max(2, -(-cores // self.resolved_frontends(cores)))
+        return max(2, -(-cores // frontends))
 
     def resolved_frontends(self, cores: int | None = None) -> int:
         if self.frontend_processes != "auto":

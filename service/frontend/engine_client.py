@@ -162,7 +162,7 @@ class EngineClient:
         self._outbox: dict[int, _Request] = {}
         self._cancels: list[int] = []
         self._requests: set[_Request] = set()
-        self._decode_pool = DecodePool(settings.resolved_preprocess_threads())
+        self._decode_pool = DecodePool(settings.resolved_preprocess_threads(layout.partitions))
         self._sock: socket.socket | None = None
         self._connection: asyncio.Task[None] | None = None
         self._welcomed = asyncio.Event()

@@ -61,7 +61,7 @@ def test_a_front_end_runs_its_event_loop_decode_threads_and_log_writer_and_no_bl
     with run_server(frontend_processes=2) as server, server.client() as client:
         assert client.post("/classify", files=_png_files(samples)).status_code == 200
         threads = len(list(Path(f"/proc/{children(server)['frontend-0']}/task").iterdir()))
-        assert threads <= 1 + settings.resolved_preprocess_threads() + 1
+        assert threads <= 1 + settings.resolved_preprocess_threads(frontends=2) + 1
 
 
 def test_both_front_ends_serve_and_the_metrics_add_up_across_them(samples):

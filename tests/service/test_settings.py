@@ -34,9 +34,10 @@ def test_front_ends_default_to_one_per_core_and_on_cuda_leave_the_engine_one():
 
 
 def test_decode_threads_cover_the_cores_across_the_front_ends_with_two_in_each_at_least():
-    assert [Settings().resolved_preprocess_threads(cores) for cores in (1, 2, 16, 64)] == [2, 2, 2, 8]
-    assert [Settings(providers="cuda").resolved_preprocess_threads(cores) for cores in (2, 16, 64)] == [2, 2, 4]
-    assert Settings(preprocess_threads=5).resolved_preprocess_threads(64) == 5
+    # (front-ends, cores): auto's counts on CPU for 1, 2, 16 and 64 cores, then on CUDA for 2, 16 and 64.
+    cases = [(1, 1), (2, 2), (8, 16), (8, 64), (1, 2), (15, 16), (16, 64)]
+    assert [Settings().resolved_preprocess_threads(*case) for case in cases] == [2, 2, 2, 8, 2, 2, 4]
+    assert Settings(preprocess_threads=5).resolved_preprocess_threads(16, 64) == 5
 
 
 def test_session_workers_default_to_one_per_core_on_cpu_and_one_on_cuda():
