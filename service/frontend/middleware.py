@@ -8,6 +8,7 @@ import os
 import re
 import time
 
+from prometheus_client import Counter, Histogram
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +30,9 @@ class RequestContextMiddleware:
         # uuid4 but without a urandom syscall per request (12% of the event loop under overload).
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
+        # Each (route, status) pair's request counter and latency histogram, looked up once:
+        # prometheus-client's labels() builds and checks its key under a lock on every call.
+        self._series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,8 +57,9 @@ class RequestContextMiddleware:
             # The route template, not the raw path, keeps label cardinality bounded.
             route = getattr(scope.get("route"), "path", "unmatched")
             elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
-            self.metrics.request_seconds.labels(route=route, status=str(status)).observe(elapsed)
+            requests, seconds = self._series.get((route, status)) or self._new_series(route, status)
+            requests.inc()
+            seconds.observe(elapsed)
             if route not in _QUIET_ROUTES:
                 logger.info(
                     "request",
@@ -67,3 +72,9 @@ class RequestContextMiddleware:
                     },
                 )
             request_id.reset(token)
+
+    def _new_series(self, route: str, status: int) -> tuple[Counter, Histogram]:
+        labels = {"route": route, "status": str(status)}
+        series = self.metrics.requests.labels(**labels), self.metrics.request_seconds.labels(**labels)
+        self._series[(route, status)] = series
+        return series

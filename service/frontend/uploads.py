@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
 from service.errors import BadRequest, NoImage, PayloadTooLarge, UnsupportedMediaType
 from service.frontend.body import BodyLimits, decode_base64, last_line_of_defence, load_json, read_body, stream
+from service.frontend.multipart import MultipartReader
 
 FILE_FIELD = "file"
 ACCEPTED_TYPES = "multipart/form-data, image/*, application/octet-stream or application/json"
@@ -28,85 +29,37 @@ class Upload:
 
 
 # Told of each image as a streamed body yields it: how many so far, and the body's bytes up to the
-# end of the last; raises to stop reading.
+# end of the last image with any (0 while none has); raises to stop reading.
 OnImage = Callable[[int, int], None]
 
 
-class _Multipart:
-    """python-multipart's callbacks, collecting `file` parts and counting everything against the limits."""
+class _FileParts:
+    """Collects the `file` parts as the reader completes them, counting everything against the limits."""
 
-    def __init__(self, boundary: bytes, limits: BodyLimits, on_image: OnImage) -> None:
+    def __init__(self, limits: BodyLimits, on_image: OnImage) -> None:
         self.limits = limits
         self.on_image = on_image
         self.uploads: list[Upload] = []
-        self.read = 0  # body bytes written before the current chunk
-        self._through = 0  # body bytes up to the end of the current part's data
         self.fields = 0
-        self.ended = False
-        self._headers: dict[bytes, bytes] = {}
-        self._header_bytes = 0
-        self._field, self._value, self._data = bytearray(), bytearray(), bytearray()
-        self.parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": self._begin,
-                "on_header_field": self._header_field,
-                "on_header_value": self._header_value,
-                "on_header_end": self._header_end,
-                "on_part_data": self._part_data,
-                "on_part_end": self._part_end,
-                "on_end": self._end,
-            },
-        )
+        # The body's bytes up to the end of the last image with any: empty images tell admission
+        # nothing about the size of the rest.
+        self.through = 0
 
-    def _begin(self) -> None:
-        self._header_bytes = 0
-
-    def _count_header(self, size: int) -> None:
-        self._header_bytes += size
-        if self._header_bytes > self.limits.max_part_header_bytes:
-            raise BadRequest(f"a multipart part's headers exceed {self.limits.max_part_header_bytes} bytes")
-
-    def _header_field(self, buf: bytes, start: int, end: int) -> None:
-        self._count_header(end - start)
-        self._field.extend(buf[start:end])
-
-    def _header_value(self, buf: bytes, start: int, end: int) -> None:
-        self._count_header(end - start)
-        self._value.extend(buf[start:end])
-
-    def _header_end(self) -> None:
-        self._headers[bytes(self._field).lower()] = bytes(self._value)
-        self._field.clear()
-        self._value.clear()
-
-    def write(self, chunk: bytes) -> None:
-        self.parser.write(chunk)
-        self.read += len(chunk)
-
-    def _part_data(self, buf: bytes, start: int, end: int) -> None:
-        self._data.extend(buf[start:end])
-        self._through = self.read + end
-
-    def _part_end(self) -> None:
-        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+    def add(self, headers: dict[bytes, bytes], data: bytes, through: int) -> None:
+        _, options = parse_options_header(headers.get(b"content-disposition", b""))
         if options.get(b"name") == FILE_FIELD.encode():
             position = len(self.uploads)
             name = options.get(b"filename", b"").decode("utf-8", "replace") or f"{FILE_FIELD}[{position}]"
-            self.uploads.append(Upload(name, bytes(self._data)))
+            self.uploads.append(Upload(name, data))
             self.limits.check_images(len(self.uploads))
-            self.on_image(len(self.uploads), self._through)
+            self.through = through if data else self.through
+            self.on_image(len(self.uploads), self.through)
         else:
             self.fields += 1
             if self.fields > self.limits.max_form_fields:
                 raise PayloadTooLarge(
                     f"more than {self.limits.max_form_fields} multipart fields besides {FILE_FIELD!r}"
                 )
-        self._headers.clear()
-        self._data.clear()
-
-    def _end(self) -> None:
-        self.ended = True
 
 
 async def _read_multipart(
@@ -115,18 +68,14 @@ async def _read_multipart(
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadRequest("multipart/form-data without a boundary parameter")
-    form = _Multipart(boundary, limits, on_image)
-    try:
-        async for chunk in stream(request, limits.max_bytes):
-            form.write(chunk)
-        form.parser.finalize()
-    except ValueError as exc:  # python-multipart's parse errors derive from ValueError
-        raise BadRequest(f"malformed multipart body: {exc}") from None
-    if not form.ended:
-        raise BadRequest("multipart body ended before its closing boundary")
-    if not form.uploads:
+    parts = _FileParts(limits, on_image)
+    reader = MultipartReader(boundary, limits.max_part_header_bytes, parts.add)
+    async for chunk in stream(request, limits.max_bytes):
+        reader.write(chunk)
+    reader.close()
+    if not parts.uploads:
         raise NoImage(f"multipart body has no part named {FILE_FIELD!r}")
-    return form.uploads
+    return parts.uploads
 
 
 def _decode_json(body: bytes, limits: BodyLimits) -> list[Upload]:

@@ -58,7 +58,7 @@ async def classify(request: Request) -> Response:
     for index, (upload, rows) in enumerate(zip(uploads, answer.rows, strict=True)):
         result: dict[str, object] = {
             "filename": upload.name,
-            "predictions": [vars(p) for p in predictions(rows, manifest.labels, k)],
+            "predictions": predictions(rows, manifest.labels, k),
         }
         if answer.pixels is not None:
             result["attention"] = vars(attention(rows, answer.pixels[index], manifest.prefix_tokens))
