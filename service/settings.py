@@ -114,6 +114,6 @@ class Settings(BaseSettings):
         # On CPU the sessions need the cores too: one per core, at most 8 (`vit-bench host-path`).
         return min(cores, 8)
 
-    def image_slots_per_frontend(self) -> int:
+    def image_slots_per_frontend(self, frontends: int) -> int:
         """Each front-end admits its share of max_queue_images, and at least one full request."""
-        return max(-(-self.max_queue_images // self.resolved_frontends()), self.max_images_per_request)
+        return max(-(-self.max_queue_images // frontends), self.max_images_per_request)

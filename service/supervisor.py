@@ -76,7 +76,7 @@ class Supervisor:
         self.manifest = load_manifest(settings.model_dir)
         frontends = settings.resolved_frontends()
         self.layout = RingLayout.for_model(
-            self.manifest, frontends, settings.image_slots_per_frontend(), settings.max_images_per_request
+            self.manifest, frontends, settings.image_slots_per_frontend(frontends), settings.max_images_per_request
         )
         self.ring = Ring.create(self.layout)
         _clean_stale_metrics()
