@@ -17,10 +17,9 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from functools import cached_property, partial
 
 import numpy as np
 
@@ -472,12 +471,12 @@ class EngineClient:
         *,
         deadline: float,
         explain: bool = False,
-        gone: Callable[[], Awaitable[object]] | None = None,
+        gone: asyncio.Future[None] | None = None,
     ) -> Answer:
         """Each input's output rows, in order. Uploads are decoded here; float32 (C, H, W) arrays
         are already-normalised rows (the OIP FP32 input). Typed errors: the first bad upload
         (naming its part), 429 when more images came than were admitted and there is no room,
-        504 past the deadline, 499 when the client left."""
+        504 past the deadline, 499 when the client left (`gone`: resolved when its connection ends)."""
         graph = Graph.EXPLAIN if explain else Graph.PLAIN
         if self.info is not None and not self.info.has(graph):
             raise InvalidParameter(
@@ -538,26 +537,24 @@ class EngineClient:
         self.metrics.preprocess_seconds.observe(elapsed)
         return elapsed
 
-    async def _wait(self, request: _Request, gone: Callable[[], Awaitable[object]] | None) -> None:
-        remaining = request.deadline - time.monotonic()
-        watcher: asyncio.Future[Any] | None = asyncio.ensure_future(gone()) if gone is not None else None
+    async def _wait(self, request: _Request, gone: asyncio.Future[None] | None) -> None:
+        leave = partial(self._client_left, request)
+        if gone is not None:
+            gone.add_done_callback(leave)  # on a connection already closed: called at the next turn
         try:
-            async with asyncio.timeout(max(0.0, remaining)):
-                if watcher is None:
-                    await request.outcome
-                    return
-                waiting: list[asyncio.Future[Any]] = [request.outcome, watcher]
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if not request.outcome.done():
-                    self.metrics.rejections.labels(reason="client_disconnected").inc()
-                    raise ClientDisconnected("the client closed the connection before its answer")
-                request.outcome.result()
+            async with asyncio.timeout(max(0.0, request.deadline - time.monotonic())):
+                await request.outcome
         except TimeoutError:
             self.metrics.rejections.labels(reason="deadline").inc()
             raise DeadlineExceeded("the request's deadline passed before its images were classified") from None
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            if gone is not None:
+                gone.remove_done_callback(leave)
+
+    def _client_left(self, request: _Request, _: object = None) -> None:
+        if not request.outcome.done():
+            self.metrics.rejections.labels(reason="client_disconnected").inc()
+            request.fail(ClientDisconnected("the client closed the connection before its answer"))
 
     def _read(self, request: _Request, decode_s: float, with_pixels: bool) -> Answer:
         assert self.info is not None

@@ -1,5 +1,9 @@
-"""uvicorn's httptools protocol, with two changes.
+"""uvicorn's httptools protocol, with three changes.
 
+- Each request's scope carries a future that its connection's end resolves (`connection_closed`):
+  a route that waits on the engine learns that its client left from a callback, where ASGI
+  alone would take a task per request parked in `receive()` for its `http.disconnect` (58 of
+  839 Python calls per request on the default model, counted with cProfile).
 - A request it cannot parse (two different Content-Lengths, Content-Length beside
   Transfer-Encoding, a bad chunk) never reaches the app; uvicorn's own answer is a plain-text
   400, this one is `{"error": ..., "error_type": "bad_request"}` like every other error.
@@ -13,6 +17,7 @@ import asyncio
 import json
 from typing import Any
 
+from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
@@ -42,9 +47,33 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
+_CLOSED = "vit.connection_closed"
+
+
+def connection_closed(scope: Scope) -> asyncio.Future[None] | None:
+    """Resolved when the request's connection ends; None where the server is not this protocol."""
+    return scope.get(_CLOSED)
+
+
 class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        self._closed: asyncio.Future[None] = self.loop.create_future()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[_CLOSED] = self._closed  # type: ignore[literal-required]
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # A large body pauses reading until the app asks for more; once the body is all in, reading
+        # resumes, so that a client who leaves while its request waits is seen leaving.
+        self.flow.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+        super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
         body = json.dumps({"error": f"malformed HTTP request: {msg}", "error_type": "bad_request"}).encode()

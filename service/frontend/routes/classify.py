@@ -11,8 +11,9 @@ from service.frontend import params
 from service.frontend.access import check_api_key
 from service.frontend.body import declared_length
 from service.frontend.engine_client import Answer
+from service.frontend.http_protocol import connection_closed
 from service.frontend.results import attention, predictions
-from service.frontend.routes.dependencies import Frontend, wait_for_disconnect
+from service.frontend.routes.dependencies import Frontend
 from service.frontend.schemas import ERROR_RESPONSES, ClassifyResponse
 from service.frontend.uploads import OPENAPI_REQUEST_BODY, read_uploads
 
@@ -52,7 +53,7 @@ async def classify(request: Request) -> Response:
     with engine.admitted(declared_length(request)) as admission:
         uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
         answer = await engine.run(
-            admission, uploads, deadline=deadline, explain=explain, gone=partial(wait_for_disconnect, request)
+            admission, uploads, deadline=deadline, explain=explain, gone=connection_closed(request.scope)
         )
     results = []
     for index, (upload, rows) in enumerate(zip(uploads, answer.rows, strict=True)):

@@ -33,9 +33,3 @@ class Frontend:
 
 async def get_frontend(request: Request) -> Frontend:
     return request.app.state.frontend
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    """Returns when the client leaves: once the body is read, the next ASGI message says so (or never comes)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Request, Response
 from service.frontend import params
 from service.frontend.access import check_api_key
 from service.frontend.body import declared_length
+from service.frontend.http_protocol import connection_closed
 from service.frontend.results import embeddings
 from service.frontend.routes.classify import timing_headers
-from service.frontend.routes.dependencies import Frontend, wait_for_disconnect
+from service.frontend.routes.dependencies import Frontend
 from service.frontend.schemas import ERROR_RESPONSES, EmbedResponse
 from service.frontend.uploads import OPENAPI_REQUEST_BODY, read_uploads
 
@@ -37,7 +38,7 @@ async def embed(request: Request) -> Response:
     engine = frontend.engine
     with engine.admitted(declared_length(request)) as admission:
         uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
-        answer = await engine.run(admission, uploads, deadline=deadline, gone=partial(wait_for_disconnect, request))
+        answer = await engine.run(admission, uploads, deadline=deadline, gone=connection_closed(request.scope))
     vectors = embeddings(answer.rows, normalize)
     results = [{"filename": u.name, "embedding": v.tolist()} for u, v in zip(uploads, vectors, strict=True)]
     body = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -13,6 +12,7 @@ from service.errors import BadRequest, ModelNotFound
 from service.frontend import params
 from service.frontend.access import check_api_key
 from service.frontend.body import declared_length, read_body
+from service.frontend.http_protocol import connection_closed
 from service.frontend.oip import (
     EMBEDDING_OUTPUT,
     HEADER_LENGTH,
@@ -23,7 +23,7 @@ from service.frontend.oip import (
     parse_infer_request,
 )
 from service.frontend.results import embeddings, probabilities
-from service.frontend.routes.dependencies import Frontend, get_frontend, wait_for_disconnect
+from service.frontend.routes.dependencies import Frontend, get_frontend
 from service.frontend.schemas import ERROR_RESPONSES, MODEL_NOT_FOUND
 from service.frontend.uploads import Upload
 
@@ -101,7 +101,7 @@ async def infer(name: str, request: Request) -> Response:
             if parsed.tensor is not None
             else [Upload(f"{IMAGE_INPUT}[{i}]", data) for i, data in enumerate(parsed.images)]
         )
-        answer = await engine.run(admission, inputs, deadline=deadline, gone=partial(wait_for_disconnect, request))
+        answer = await engine.run(admission, inputs, deadline=deadline, gone=connection_closed(request.scope))
     values = {PROBABILITIES_OUTPUT: probabilities(answer.rows), EMBEDDING_OUTPUT: embeddings(answer.rows, False)}
     content, header_length = encode_infer_response(parsed, manifest.name, values, manifest.labels)
     headers = {HEADER_LENGTH: str(header_length)} if header_length is not None else None

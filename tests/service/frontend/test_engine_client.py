@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from model_export.manifest import Manifest
+from service.errors import ClientDisconnected
 from service.frontend.decode import Decoder
 from service.frontend.engine_client import MAX_MESSAGE, EngineClient
 from service.lifecycle import Lifecycle
@@ -66,14 +67,14 @@ class FakeEngine:
         await connecting
         return engine
 
-    def classify(self, value: float) -> asyncio.Task[np.ndarray]:
+    def classify(self, value: float, gone: asyncio.Future[None] | None = None) -> asyncio.Task[np.ndarray]:
         """One request of one FP32 row filled with `value`: no decode, so it reaches the engine in
-        the turn it starts in."""
+        the turn it starts in. `gone`: its connection's end."""
 
         async def request() -> np.ndarray:
             row = np.full(self.ring.layout.tensor_shape, value, np.float32)
             with self.client.admitted() as admission:
-                answer = await self.client.run(admission, [row], deadline=time.monotonic() + 30)
+                answer = await self.client.run(admission, [row], deadline=time.monotonic() + 30, gone=gone)
             return answer.rows[0]["logits"]
 
         return asyncio.create_task(request())
@@ -113,6 +114,27 @@ def test_requests_handed_over_in_one_turn_of_the_loop_share_one_submit_and_each_
         await fake.answer(engine, [slot for slot, _ in records])
         for i, logits in enumerate(await asyncio.gather(*requests)):
             assert logits.shape == (fake.classes,) and (logits == i).all()
+
+    serve(fake, scenario)
+
+
+def test_a_client_that_leaves_while_the_engine_works_gets_499_and_its_image_is_cancelled_there(manifest):
+    fake = FakeEngine(manifest, tensor_slots=2)
+
+    async def scenario(engine: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        closed, still_open = loop.create_future(), loop.create_future()
+        leaving, staying = fake.classify(0, closed), fake.classify(1, still_open)
+        _, records = parse_submit(await loop.sock_recv(engine, MAX_MESSAGE))
+        closed.set_result(None)
+        with pytest.raises(ClientDisconnected):
+            await leaving
+        cancelled = parse_cancel(await asyncio.wait_for(loop.sock_recv(engine, MAX_MESSAGE), 10))
+        assert [fake.value(slot) for slot in cancelled] == [0]
+        await fake.answer(engine, cancelled, Status.CANCELLED)
+        await fake.answer(engine, [slot for slot, _ in records if slot not in cancelled])
+        assert (await staying == 1).all()
+        assert not still_open._callbacks  # an answered request leaves nothing on its connection
 
     serve(fake, scenario)
 
