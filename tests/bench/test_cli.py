@@ -41,4 +41,4 @@ def test_run_measures_the_limit_the_service_and_the_baseline(tmp_path):
 
 def test_variants_names_the_fastest_variant_here():
     out = _bench("variants", DEFAULT_MODEL_DIR, "--seconds", "0.3")
-    assert f"fastest here: fp32 -> vit-serve --model {DEFAULT_MODEL_DIR}" in out
+    assert f"fastest here: fp32+fused-attention -> vit-serve --model {DEFAULT_MODEL_DIR}" in out

@@ -41,8 +41,8 @@ def test_concurrent_requests_are_batched_and_metrics_move(samples, expected_prov
         assert metric(client, "vit_batch_gather_seconds_count") == batches
         assert 0 < metric(client, "vit_batch_gather_seconds_sum") < metric(client, "vit_inference_seconds_sum")
         assert (
-            f'vit_model_info{{model="fashion-mnist-vit",provider="{expected_provider}",variant="fp32"}} 1.0'
-            in client.get("/metrics").text
+            f'vit_model_info{{model="fashion-mnist-vit",provider="{expected_provider}",'
+            'variant="fp32+fused-attention"} 1.0' in client.get("/metrics").text
         )
         assert server.stop() == 0
 
