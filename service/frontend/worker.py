@@ -1,4 +1,4 @@
-"""A front-end process: uvicorn serving the app on the listening socket the supervisor shares.
+"""A front-end process: uvicorn serving the app on the listening socket the supervisor bound for it.
 
 The first SIGTERM/SIGINT drains: readiness 503 and new work refused with 503 while the listener
 stays open, in-flight requests finish (up to the grace), then a clean exit 0. A second signal

@@ -1,10 +1,12 @@
 """The process layout for real: a supervisor, two front-ends and one engine on loopback, and what
 happens when any of them dies. Nothing accepted is lost, nothing leaks, the totals add up."""
 
+import collections
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -85,6 +87,43 @@ def test_both_front_ends_serve_and_the_metrics_add_up_across_them(samples):
         assert server.stop() == 0
     access = [json.loads(line) for line in server.lines if '"route": "/classify"' in line]
     assert {entry["proc"] for entry in access} == {"frontend-0", "frontend-1"}
+
+
+def _front_end_of(connection: socket.socket) -> str:
+    """Which process answered on this connection: generated request IDs start with a per-process prefix."""
+    connection.sendall(b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += connection.recv(4096)
+    request_id = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:"))
+    return request_id.split(b":", 1)[1].strip()[:16].decode()
+
+
+def test_a_burst_of_new_connections_reaches_every_front_end():
+    """As a gateway opens its pool at once: each front-end has its own socket on the port, and the
+    kernel spreads the connections, rather than the first front-end awake taking them all."""
+    with run_server(frontend_processes=2) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        connections = [socket.create_connection((host, int(port))) for _ in range(32)]
+        try:
+            served = collections.Counter(_front_end_of(connection) for connection in connections)
+        finally:
+            for connection in connections:
+                connection.close()
+        assert len(served) == 2 and min(served.values()) >= 4, served
+
+
+def test_a_second_server_on_the_same_port_refuses_to_start():
+    with run_server(frontend_processes=2) as server:
+        port = server.url.rsplit(":", 1)[1]
+        second = subprocess.run(
+            [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", port],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 3 and f"cannot listen on 127.0.0.1:{port}" in second.stderr + second.stdout
+        assert server.stop() == 0
 
 
 def test_a_killed_front_end_is_replaced_and_the_others_keep_serving(samples, shm_before):
