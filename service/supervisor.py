@@ -65,7 +65,7 @@ def _listen(host: str, port: int, count: int) -> list[socket.socket]:
     """`count` listening sockets on one port, one per front-end, that the kernel spreads new
     connections over (SO_REUSEPORT). On one shared socket, whichever front-end woke first took
     every connection of a burst: 16 connections opened at once all landed on one of two
-    front-ends in about one run in five, and that front-end's core was the server's limit."""
+    front-ends in 2 of 12 runs, and that front-end's core was the server's limit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # A plain bind first: it fails on a port in use, also by another server's SO_REUSEPORT group,
     # which sockets of our own group would silently join.
