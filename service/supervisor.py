@@ -116,6 +116,7 @@ class Supervisor:
 
     def spawn(self, role: str, partition: int = 0) -> Child:
         status_read, status_write = os.pipe()
+        listen_fd = self.listeners[partition].fileno() if role == "frontend" else -1
         boot = Boot(
             role=role,
             partition=partition,
@@ -125,11 +126,11 @@ class Supervisor:
             ring_fd=self.ring.fd,
             status_fd=status_write,
             engine_address=self.engine_address,
-            listen_fd=self.listeners[partition].fileno() if role == "frontend" else -1,
+            listen_fd=listen_fd,
             metrics_dir=self.metrics_dir,
             supervisor_pid=os.getpid(),
         )
-        fds = [self.ring.fd, status_write] + ([self.listeners[partition].fileno()] if role == "frontend" else [])
+        fds = [self.ring.fd, status_write] + ([listen_fd] if listen_fd >= 0 else [])
         module = "service.engine.process" if role == "engine" else "service.frontend.worker"
         process = subprocess.Popen(
             [sys.executable, "-m", module, boot.name],  # the name is for `ps`: the child reads stdin only
