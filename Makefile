@@ -79,16 +79,17 @@ $(BENCH_VENV)/.installed: pyproject.toml
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/vit-bench reproduce --out $(BENCH_OUT)
 
-# Run by hand, not in CI: the service beside LitServe, BentoML, Ray Serve, PyTriton (Triton) and
-# mosec serving the same graph with the same decode; JSON, Markdown, plot and logs in $(PEERS_OUT).
-# One venv holds all five at these pins (pip check is clean); PyTriton needs numpy < 2, so every
-# server there runs numpy 1.26. PEERS_EXTRA=gpu installs onnxruntime-gpu instead (then
-# PEERS_ARGS='--device cuda --model DIR').
+# Run by hand, not in CI: the service beside LitServe, BentoML, Ray Serve, PyTriton (Triton), mosec
+# and TorchServe (Java: Debian's JRE) serving the same graph with the same decode; JSON, Markdown,
+# plot and logs in $(PEERS_OUT). One venv holds all six at these pins (pip check is clean); PyTriton
+# needs numpy < 2, so every server there runs numpy 1.26. PEERS_EXTRA=gpu installs onnxruntime-gpu
+# instead (then PEERS_ARGS='--device cuda --model DIR').
 PEERS_VENV ?= .venv-peers
 PEERS_OUT ?= bench-results/peers
 PEERS_EXTRA ?= cpu
 PEERS_ARGS ?=
-PEERS_PINS := litserve==0.2.19 bentoml==1.4.40 'ray[serve]==2.60.0' mosec==0.9.8 nvidia-pytriton==0.7.0
+PEERS_PINS := litserve==0.2.19 bentoml==1.4.40 'ray[serve]==2.60.0' mosec==0.9.8 nvidia-pytriton==0.7.0 \
+	torchserve==0.12.0 torch-model-archiver==0.12.0
 
 $(PEERS_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(PEERS_VENV)
@@ -99,4 +100,5 @@ $(PEERS_VENV)/.installed: pyproject.toml Makefile
 
 bench-peers: $(PEERS_VENV)/.installed
 	@test -d $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	@command -v java >/dev/null || { apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
 	$(PEERS_VENV)/bin/vit-bench peers --out $(PEERS_OUT) $(PEERS_ARGS)

@@ -211,7 +211,7 @@ def engine_command(args: argparse.Namespace) -> int:
 
 
 def peers_command(args: argparse.Namespace) -> int:
-    """The service beside LitServe, BentoML, Ray Serve, PyTriton and mosec serving the same graph."""
+    """The service beside LitServe, BentoML, Ray Serve, PyTriton, mosec and TorchServe serving the same graph."""
     from bench.peers import NAMES
     from bench.peers.report import plot
     from bench.peers.run import Uploads, fashion_mnist_gate, run_peers
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     alone.add_argument("--max-batch-size", default="8,64", help="comma-separated VIT_MAX_BATCH_SIZE to try")
     alone.set_defaults(run=engine_command)
     peers = commands.add_parser(
-        "peers", help="the service beside LitServe, BentoML, Ray Serve, PyTriton and mosec on the same graph"
+        "peers",
+        help="the service beside LitServe, BentoML, Ray Serve, PyTriton, mosec and TorchServe on the same graph",
     )
     peers.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="exported model folder")
     add_device_option(peers)

@@ -66,16 +66,25 @@ def closed_loop(
     return outcomes
 
 
-def multipart_upload(url: str, path: str, images: list[bytes], content_type: str = "image/jpeg") -> bytes:
-    """One complete keep-alive HTTP/1.1 request uploading `images`, each as a form field `file`."""
+def multipart_upload(
+    url: str, path: str, images: list[bytes], content_type: str = "image/jpeg", names: list[str] | None = None
+) -> bytes:
+    """One complete keep-alive HTTP/1.1 request uploading `images`, each as a form field `file`
+    (or as its own field of `names`)."""
     boundary = b"vit-bench-boundary"
-    part_head = (
-        b'Content-Disposition: form-data; name="file"; filename="image"\r\n'
+    fields = names or ["file"] * len(images)
+    part_heads = [
+        b'Content-Disposition: form-data; name="'
+        + name.encode()
+        + b'"; filename="image"\r\n'
         + b"Content-Type: "
         + content_type.encode()
         + b"\r\n\r\n"
+        for name in fields
+    ]
+    body = b"".join(
+        b"--" + boundary + b"\r\n" + head + image + b"\r\n" for head, image in zip(part_heads, images, strict=True)
     )
-    body = b"".join(b"--" + boundary + b"\r\n" + part_head + image + b"\r\n" for image in images)
     body += b"--" + boundary + b"--\r\n"
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n"

@@ -45,6 +45,7 @@ ENTRIES = [
     Entry("rayserve", "bench.peers.rayserve_peer", "ray.serve"),
     Entry("pytriton", "bench.peers.pytriton_peer", "pytriton"),
     Entry("mosec", "bench.peers.mosec_peer", "mosec"),
+    Entry("torchserve", "bench.peers.torchserve_peer", "ts"),
 ]
 NAMES = [entry.name for entry in ENTRIES]
 

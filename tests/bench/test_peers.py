@@ -2,16 +2,18 @@
 helpers that talk to a server. The peers themselves are too heavy for CI (make bench-peers)."""
 
 import json
+import re
 import socket
 import threading
 
 import pytest
 
 from bench.load import multipart_upload
-from bench.peers import NAMES, results_top1
-from bench.peers.common import multipart_files
+from bench.peers import NAMES, results_top1, torchserve_peer
+from bench.peers.common import OnnxClassifier, multipart_files
 from bench.peers.report import Gate, Level, PeersResult, System, check_gate, plot
 from bench.peers.run import PeerError, exchange, gate_then_time
+from service.settings import DEFAULT_MODEL_DIR
 
 
 def _level(system: str, concurrency: int, images_per_s: float, p99_ms: float = 50.0) -> Level:
@@ -99,7 +101,7 @@ def test_the_json_and_the_markdown_name_every_server_level_and_ratio(tmp_path):
 
 
 def test_every_peer_has_a_name_and_the_service_response_parses():
-    assert NAMES == ["litserve", "bentoml", "rayserve", "pytriton", "mosec"]
+    assert NAMES == ["litserve", "bentoml", "rayserve", "pytriton", "mosec", "torchserve"]
     body = json.dumps({"results": [{"predictions": [{"class_id": 7, "label": "x", "score": 0.9}]}] * 2}).encode()
     assert results_top1(body) == [7, 7]
 
@@ -109,6 +111,26 @@ def test_multipart_bodies_split_back_into_their_uploads():
     request = multipart_upload("http://127.0.0.1:1", "/classify", images)
     body = request.split(b"\r\n\r\n", 1)[1]
     assert multipart_files(body) == images
+
+
+def test_torchserve_gets_each_image_under_its_own_name_and_answers_each_request_of_a_batch(monkeypatch, samples):
+    photos = [sample.encoded("JPEG", quality=90) for sample in samples[:2]]
+    request = torchserve_peer.request("http://127.0.0.1:1", photos, "image/jpeg")
+    head, body = request.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"POST /predictions/vit HTTP/1.1")
+    # Its worker keeps one value per field name: parts that shared one would arrive as the last image.
+    assert re.findall(rb'; name="([^"]+)"', body) == [b"file0", b"file1"]
+    assert multipart_files(body) == photos
+    monkeypatch.setenv(torchserve_peer.ENV_MODEL, str(DEFAULT_MODEL_DIR))
+    monkeypatch.setenv(torchserve_peer.ENV_DEVICE, "cpu")
+    handler = torchserve_peer.Handler()
+    handler.initialize(context=None)
+    # A batch as TorchServe's worker hands it over: per request, its form's fields as bytearrays.
+    batch = [{"file0": bytearray(photos[0]), "file1": bytearray(photos[1])}, {"file0": bytearray(photos[1])}]
+    answers = handler.handle(batch, context=None)
+    reference = OnnxClassifier(DEFAULT_MODEL_DIR, "cpu")
+    expected = [int(row.argmax()) for row in reference.logits(reference.decode_all(photos))]
+    assert [results_top1(json.dumps(answer).encode()) for answer in answers] == [expected, expected[1:]]
 
 
 def _serve_once(answers: list[bytes]) -> int:
