@@ -33,7 +33,7 @@ MAX_BATCH_DELAY_MS = 10
 RESPONSE_TIMEOUT_S = 60
 # TorchServe starts its workers itself: the bench's arguments travel as variables.
 ENV_MODEL, ENV_DEVICE = "VIT_PEER_MODEL", "VIT_PEER_DEVICE"
-REPOSITORY = Path(__file__).resolve().parents[2]  # the workers import this module by its path
+REPOSITORY = Path(__file__).resolve().parents[2]  # the archiver copies this file alone: its imports come from here
 
 
 class Handler:

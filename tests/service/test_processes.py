@@ -149,6 +149,9 @@ def test_a_killed_front_end_is_replaced_and_the_others_keep_serving(samples, shm
 def test_a_killed_engine_means_503_at_once_then_a_new_engine_and_nothing_accepted_lost(photo_1024, samples):
     with run_server(frontend_processes=2, max_batch_size=2, request_timeout_s=60) as server:
         engine = children(server)["engine"]
+        # Stopped first, so that all four requests are still in it when it dies: running, it answers
+        # them in a few hundred milliseconds, at times before the last one is admitted.
+        os.kill(engine, signal.SIGSTOP)
         files = [("file", (f"{i}.jpg", photo_1024, "image/jpeg")) for i in range(16)]
         with ThreadPoolExecutor(4) as pool, server.client() as client:
             accepted = [pool.submit(client.post, "/classify", files=files) for _ in range(4)]
