@@ -20,15 +20,10 @@ from pathlib import Path
 import bentoml
 
 from bench.peers import Peer, multipart_request
-from bench.peers.common import OnnxClassifier, ServeArgs, parse_serve_args
+from bench.peers.common import ENV_DEVICE, ServeArgs, classifier_from_variables, model_variables, parse_serve_args
 
 # `bentoml serve` imports this module in every worker: the bench's arguments travel as variables.
-ENV_MODEL, ENV_DEVICE, ENV_WORKERS, ENV_BATCH = (
-    "VIT_PEER_MODEL",
-    "VIT_PEER_DEVICE",
-    "VIT_PEER_WORKERS",
-    "VIT_PEER_BATCH",
-)
+ENV_WORKERS, ENV_BATCH = "VIT_PEER_WORKERS", "VIT_PEER_BATCH"
 WORKERS = int(os.environ.get(ENV_WORKERS, "1"))
 DEVICE = os.environ.get(ENV_DEVICE, "cpu")
 MAX_BATCH = int(os.environ.get(ENV_BATCH, "8"))
@@ -38,7 +33,7 @@ RESOURCES = {"gpu": 1} if DEVICE == "cuda" else {"cpu": WORKERS}
 @bentoml.service(workers=WORKERS, resources=RESOURCES, traffic={"timeout": 60})
 class ViTClassifier:
     def __init__(self) -> None:
-        self.model = OnnxClassifier(Path(os.environ[ENV_MODEL]), DEVICE)
+        self.model = classifier_from_variables()
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH)
     def classify(self, file: list[Path]) -> list[dict[str, object]]:
@@ -66,8 +61,7 @@ PEER = Peer("bentoml", "bentoml", __name__, multipart_request, top1, describe)
 def main(args: ServeArgs) -> None:
     os.environ.update(
         {
-            ENV_MODEL: str(args.model.resolve()),
-            ENV_DEVICE: args.device,
+            **model_variables(args),
             ENV_WORKERS: str(args.workers),
             ENV_BATCH: str(args.max_batch_size),
         }

@@ -9,6 +9,7 @@ Nothing here imports the service's batching or engine: batching is each framewor
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from service.frontend.results import top_k
 from service.settings import Settings
 
 TOP_K = 5  # the service's default_top_k
+# Where a framework starts the workers itself (BentoML, mosec, TorchServe), they read the bench's
+# model folder and device from these.
+ENV_MODEL, ENV_DEVICE = "VIT_PEER_MODEL", "VIT_PEER_DEVICE"
 BOUNDARY_LINE_END = b"\r\n"
 
 
@@ -133,6 +137,16 @@ class OnnxClassifier:
         predictions = self.classify(np.concatenate(requests))
         bounds = np.cumsum([0] + [len(pixels) for pixels in requests])
         return [results(predictions[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def model_variables(args: ServeArgs) -> dict[str, str]:
+    """The bench's model folder and device, for workers that a framework starts itself."""
+    return {ENV_MODEL: str(args.model.resolve()), ENV_DEVICE: args.device}
+
+
+def classifier_from_variables() -> OnnxClassifier:
+    """In such a worker: the classifier for the model and device that `model_variables` passed."""
+    return OnnxClassifier(Path(os.environ[ENV_MODEL]), os.environ[ENV_DEVICE])
 
 
 def results(predictions: list[list[dict[str, object]]]) -> dict[str, object]:

@@ -21,18 +21,18 @@ from mosec import Server, Worker
 
 from bench.peers import CLASSIFY_PATH, Peer, multipart_request, results_top1
 from bench.peers.common import (
-    OnnxClassifier,
+    ENV_MODEL,
     ServeArgs,
+    classifier_from_variables,
     decode_all,
     decoder_for,
+    model_variables,
     multipart_files,
     parse_serve_args,
 )
 from model_export.manifest import Manifest
 from service.settings import available_cores
 
-# mosec starts its workers itself (spawn), with no arguments: the bench's travel as variables.
-ENV_MODEL, ENV_DEVICE = "VIT_PEER_MODEL", "VIT_PEER_DEVICE"
 TIMEOUT_MS = 60_000
 
 
@@ -51,7 +51,7 @@ class Decode(Worker):
 class Infer(Worker):
     def __init__(self) -> None:
         super().__init__()
-        self.model = OnnxClassifier(Path(os.environ[ENV_MODEL]), os.environ[ENV_DEVICE])
+        self.model = classifier_from_variables()
 
     def forward(self, requests: list[np.ndarray]) -> list[dict[str, object]]:
         return self.model.classify_requests(requests)
@@ -71,8 +71,7 @@ PEER = Peer("mosec", "mosec", __name__, multipart_request, results_top1, describ
 def main(args: ServeArgs) -> None:
     os.environ.update(
         {
-            ENV_MODEL: str(args.model.resolve()),
-            ENV_DEVICE: args.device,
+            **model_variables(args),
             "MOSEC_ADDRESS": "127.0.0.1",
             "MOSEC_PORT": str(args.port),
             "MOSEC_TIMEOUT": str(TIMEOUT_MS),

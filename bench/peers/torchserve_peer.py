@@ -25,14 +25,19 @@ from typing import Any
 
 from bench.load import multipart_upload
 from bench.peers import Peer, results_top1
-from bench.peers.common import OnnxClassifier, ServeArgs, free_port, interrupt_on_sigterm, parse_serve_args
+from bench.peers.common import (
+    ServeArgs,
+    classifier_from_variables,
+    free_port,
+    interrupt_on_sigterm,
+    model_variables,
+    parse_serve_args,
+)
 
 MODEL = "vit"
 PREDICT_PATH = f"/predictions/{MODEL}"
 MAX_BATCH_DELAY_MS = 10
 RESPONSE_TIMEOUT_S = 60
-# TorchServe starts its workers itself: the bench's arguments travel as variables.
-ENV_MODEL, ENV_DEVICE = "VIT_PEER_MODEL", "VIT_PEER_DEVICE"
 REPOSITORY = Path(__file__).resolve().parents[2]  # the archiver copies this file alone: its imports come from here
 
 
@@ -40,15 +45,19 @@ class Handler:
     """TorchServe's custom-service contract: `initialize(context)`, then `handle(batch, context)`."""
 
     def initialize(self, context: Any) -> None:
-        self.model = OnnxClassifier(Path(os.environ[ENV_MODEL]), os.environ[ENV_DEVICE])
+        self.model = classifier_from_variables()
 
     def handle(self, batch: list[dict[str, bytes]], context: Any) -> list[dict[str, object]]:
-        requests = [self.model.decode_all([bytes(form[f"file{i}"]) for i in range(len(form))]) for form in batch]
+        requests = [self.model.decode_all([bytes(form[part_name(i)]) for i in range(len(form))]) for form in batch]
         return self.model.classify_requests(requests)
 
 
+def part_name(index: int) -> str:
+    return f"file{index}"
+
+
 def request(url: str, images: list[bytes], content_type: str) -> bytes:
-    return multipart_upload(url, PREDICT_PATH, images, content_type, [f"file{i}" for i in range(len(images))])
+    return multipart_upload(url, PREDICT_PATH, images, content_type, [part_name(i) for i in range(len(images))])
 
 
 def describe(workers: int, max_batch_size: int, device: str) -> str:
@@ -101,8 +110,7 @@ def main(args: ServeArgs) -> None:
         config.write_text(configuration(store, args.port, args.workers, args.max_batch_size))
         environment = {
             **os.environ,
-            ENV_MODEL: str(args.model.resolve()),
-            ENV_DEVICE: args.device,
+            **model_variables(args),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")])),
             "LOG_LOCATION": str(work / "logs"),
             "METRICS_LOCATION": str(work / "logs"),

@@ -10,7 +10,7 @@ import pytest
 
 from bench.load import multipart_upload
 from bench.peers import NAMES, results_top1, torchserve_peer
-from bench.peers.common import OnnxClassifier, multipart_files
+from bench.peers.common import ENV_DEVICE, ENV_MODEL, OnnxClassifier, multipart_files
 from bench.peers.report import Gate, Level, PeersResult, System, check_gate, plot
 from bench.peers.run import PeerError, exchange, gate_then_time
 from service.settings import DEFAULT_MODEL_DIR
@@ -121,8 +121,8 @@ def test_torchserve_gets_each_image_under_its_own_name_and_answers_each_request_
     # Its worker keeps one value per field name: parts that shared one would arrive as the last image.
     assert re.findall(rb'; name="([^"]+)"', body) == [b"file0", b"file1"]
     assert multipart_files(body) == photos
-    monkeypatch.setenv(torchserve_peer.ENV_MODEL, str(DEFAULT_MODEL_DIR))
-    monkeypatch.setenv(torchserve_peer.ENV_DEVICE, "cpu")
+    monkeypatch.setenv(ENV_MODEL, str(DEFAULT_MODEL_DIR))
+    monkeypatch.setenv(ENV_DEVICE, "cpu")
     handler = torchserve_peer.Handler()
     handler.initialize(context=None)
     # A batch as TorchServe's worker hands it over: per request, its form's fields as bytearrays.
