@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # not wait for company. On a GPU, where batch size pays, a few ms is worth waiting.
     max_wait_ms: float = Field(0.0, ge=0, description="how long the first image waits for others to join")
     max_queue_images: int = Field(
-        256, ge=1, description="images admitted and not yet answered, shared out between the front-ends; beyond: 429"
+        256, ge=1, description="images admitted and not yet answered, over every front-end; beyond: 429"
     )
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline per request; beyond it: 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429 and 503")
@@ -113,7 +113,3 @@ class Settings(BaseSettings):
             return min(max(1, cores - 1), 16)
         # On CPU the sessions need the cores too: one per core, at most 8 (`vit-bench host-path`).
         return min(cores, 8)
-
-    def image_slots_per_frontend(self, frontends: int) -> int:
-        """Each front-end admits its share of max_queue_images, and at least one full request."""
-        return max(-(-self.max_queue_images // frontends), self.max_images_per_request)

@@ -4,19 +4,27 @@ small messages that pass a slot's ownership back and forth.
 Memory. The supervisor creates the ring as an anonymous memfd before any other process starts,
 and every child maps the file descriptor it inherits. A memfd has no name in /dev/shm, so the
 kernel frees it with the last process that maps it: nothing can outlive the server, even after
-`kill -9` of any of its processes. The file holds three regions:
+`kill -9` of any of its processes. The file holds four regions:
 
     pixels   (image slots, H, W, C) uint8       written by a front-end's decoder, read by the engine
     tensors  (tensor slots, C, H, W) float32    already-normalised rows (the OIP FP32 input), likewise
     outputs  (all slots, row_floats) float32    every output row of the image, written by the engine
+    admitted (partitions,) int64                the image slots each front-end holds, which every
+                                                front-end sums to keep the one queue bound
 
 Ownership. Front-end k owns partition k: its image slots and its tensor slots. It writes a slot's
 input only while the slot is its own, then hands the slot to the engine with SUBMIT; from then on
 only the engine touches it (reads the input, writes the output row) until it answers DONE for
 that slot, which hands it back. Because ownership moves only with messages, no field of the
-shared memory is ever written by two processes, and nothing needs a lock. A front-end that dies
-leaves its slots to the engine, which drops what is still queued and finishes what is running
-before it welcomes that partition's next front-end.
+shared memory is ever written by two processes at once, and nothing needs a lock: a front-end
+writes only its own `admitted` count, and the supervisor zeroes it once that front-end is dead. A
+front-end that dies leaves its slots to the engine, which drops what is still queued and finishes
+what is running before it welcomes that partition's next front-end.
+
+Every partition has room for the whole queue, so the kernel's uneven spread of connections over
+the front-ends does not refuse work while others have room: the bound is the sum of the counts.
+Two front-ends admitting at the same instant may pass it by a request each; a partition's pages
+are touched only as its slots are used (the free slots are stacks).
 
 Messages travel over one SOCK_SEQPACKET Unix socket per front-end (message boundaries kept,
 ordered, reliable), each a packed header and fixed-size records.
@@ -90,18 +98,19 @@ class RingLayout:
     def is_tensor(self, slot: int) -> bool:
         return slot >= self.total_images
 
-    def _regions(self) -> tuple[int, int, int, int]:
-        """Byte offsets of the pixels, tensors and outputs regions, and the file's size."""
+    def _regions(self) -> tuple[int, int, int, int, int]:
+        """Byte offsets of the pixels, tensors, outputs and admitted regions, and the file's size."""
         pixels = self.total_images * int(np.prod(self.pixel_shape))
         tensors = self.partitions * self.tensor_slots * int(np.prod(self.pixel_shape)) * 4
         outputs = self.total_slots * self.row_floats * 4
         tensors_at = _aligned(pixels)
         outputs_at = tensors_at + _aligned(tensors)
-        return 0, tensors_at, outputs_at, outputs_at + _aligned(outputs)
+        admitted_at = outputs_at + _aligned(outputs)
+        return 0, tensors_at, outputs_at, admitted_at, admitted_at + _aligned(self.partitions * 8)
 
     @property
     def nbytes(self) -> int:
-        return self._regions()[3]
+        return self._regions()[4]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -125,13 +134,13 @@ class RingLayout:
 
 
 class Ring:
-    """One process's mapping of the ring, with numpy views on its three regions."""
+    """One process's mapping of the ring, with numpy views on its four regions."""
 
     def __init__(self, layout: RingLayout, fd: int) -> None:
         self.layout = layout
         self.fd = fd
         self._map = mmap.mmap(fd, layout.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        _, tensors_at, outputs_at, _ = layout._regions()
+        _, tensors_at, outputs_at, admitted_at, _ = layout._regions()
         buffer = memoryview(self._map)
         self.pixels = np.frombuffer(buffer, np.uint8, layout.total_images * int(np.prod(layout.pixel_shape)))
         self.pixels = self.pixels.reshape(layout.total_images, *layout.pixel_shape)
@@ -140,6 +149,7 @@ class Ring:
         self.tensors = self.tensors.reshape(tensor_count, *layout.tensor_shape)
         self.outputs = np.frombuffer(buffer, np.float32, layout.total_slots * layout.row_floats, outputs_at)
         self.outputs = self.outputs.reshape(layout.total_slots, layout.row_floats)
+        self.admitted = np.frombuffer(buffer, np.int64, layout.partitions, admitted_at)
 
     @classmethod
     def create(cls, layout: RingLayout) -> Ring:

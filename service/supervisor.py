@@ -96,7 +96,7 @@ class Supervisor:
         self.manifest = load_manifest(settings.model_dir)
         frontends = settings.resolved_frontends()
         self.layout = RingLayout.for_model(
-            self.manifest, frontends, settings.image_slots_per_frontend(frontends), settings.max_images_per_request
+            self.manifest, frontends, settings.max_queue_images, settings.max_images_per_request
         )
         self.ring = Ring.create(self.layout)
         _clean_stale_metrics()
@@ -257,12 +257,16 @@ class Supervisor:
     def _on_exit(self, child: Child) -> None:
         code = self._forget(child)
         if self.draining:
-            if code != 0:
+            # One still starting when the drain began dies of the SIGTERM itself, with nothing to drain.
+            if code not in (0, -signal.SIGTERM):
                 logger.warning("%s exited with %d while draining", child.boot.name, code)
                 self.exit_status = self.exit_status or 1
             self._stop_engine_when_alone()
             return
         if child.boot.role == "frontend":
+            # Its images are the engine's to drop or finish now, and no longer count against the
+            # others' queue; its successor publishes its own count once it admits anything.
+            self.ring.admitted[child.boot.partition] = 0
             logger.warning("%s exited with %d: starting it again", child.boot.name, code)
             self.spawn("frontend", child.boot.partition)
             return

@@ -407,7 +407,7 @@ class EngineClient:
         missing = expected - len(admission.slots)
         if missing <= 0:
             return
-        if missing > len(self._free_images):
+        if missing > self._image_room():
             # Taught as the whole body would teach it once read (its size over its images), so that
             # the admissions that follow refuse such bodies at once, and admit them when they fit.
             self._learn(declared, expected)
@@ -429,19 +429,25 @@ class EngineClient:
     def _retry(self) -> int:
         return self.settings.retry_after_s
 
-    def _refuse_full(self, count: int, kind: str) -> None:
+    def _image_room(self) -> int:
+        """Images this front-end may still admit: what the queue has left over every front-end."""
+        held_by_all = int(self.ring.admitted.sum())
+        return min(len(self._free_images), self.settings.max_queue_images - held_by_all)
+
+    def _refuse_full(self, count: int, free: list[int]) -> None:
         self.metrics.rejections.labels(reason="overloaded").inc()
-        raise Overloaded(
-            f"no room for {count} more {kind} on this front-end "
-            f"({self.ring.layout.image_slots} images admitted at most); retry later",
-            retry_after=self._retry,
-        )
+        if free is self._free_tensors:
+            limit = f"{self.ring.layout.tensor_slots} FP32 tensors on this front-end"
+        else:
+            limit = f"{self.settings.max_queue_images} images admitted over every front-end"
+        raise Overloaded(f"no room for {count} more ({limit} at most); retry later", retry_after=self._retry)
 
     def _take(self, free: list[int], count: int) -> list[int]:
         """`count` slots from a free stack, or 429 and none."""
-        if count > len(free):
-            self._refuse_full(count, "FP32 tensors" if free is self._free_tensors else "images")
+        if count > (self._image_room() if free is self._free_images else len(free)):
+            self._refuse_full(count, free)
         slots = [free.pop() for _ in range(count)]
+        self._publish_held()
         self.metrics.images_in_flight.inc(count)
         return slots
 
@@ -460,7 +466,12 @@ class EngineClient:
 
     def _free(self, slot: int) -> None:
         (self._free_tensors if self.ring.layout.is_tensor(slot) else self._free_images).append(slot)
+        self._publish_held()
         self.metrics.images_in_flight.dec()
+
+    def _publish_held(self) -> None:
+        # The one count of this process that the other front-ends read (in _image_room).
+        self.ring.admitted[self.partition] = self.ring.layout.image_slots - len(self._free_images)
 
     # --- the core call ---------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 happens when any of them dies. Nothing accepted is lost, nothing leaks, the totals add up."""
 
 import collections
+import contextlib
+import itertools
 import json
 import os
 import select
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import httpx
 import pytest
 
 from bench.cpu import process_tree
-from bench.load import closed_loop
+from bench.load import closed_loop, multipart_upload
 from bench.server import ServerProcess, run_server
 from service.settings import Settings
 from service.supervisor import Supervisor
@@ -89,14 +92,50 @@ def test_both_front_ends_serve_and_the_metrics_add_up_across_them(samples):
     assert {entry["proc"] for entry in access} == {"frontend-0", "frontend-1"}
 
 
+def _response(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The next response on a raw keep-alive connection: status, headers (lower-case names) and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        body += connection.recv(65536)
+    return int(status_line.split()[1]), headers, body
+
+
 def _front_end_of(connection: socket.socket) -> str:
     """Which process answered on this connection: generated request IDs start with a per-process prefix."""
     connection.sendall(b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += connection.recv(4096)
-    request_id = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:"))
-    return request_id.split(b":", 1)[1].strip()[:16].decode()
+    return _response(connection)[1]["x-request-id"][:16]
+
+
+def _process_name_behind(server: ServerProcess, connection: socket.socket) -> str:
+    """The name of the front-end serving this connection, from the access log line of a request on it."""
+    probe = f"probe-{connection.getsockname()[1]}"
+    connection.sendall(f"GET /v1/models HTTP/1.1\r\nHost: test\r\nX-Request-Id: {probe}\r\n\r\n".encode())
+    assert _response(connection)[0] == 200
+    wait_for(lambda: f'"request_id": "{probe}"' in server.log)
+    line = next(line for line in server.lines if f'"request_id": "{probe}"' in line)
+    return str(json.loads(line)["proc"])
+
+
+@contextlib.contextmanager
+def _connections_by_front_end(server: ServerProcess, wanted: int) -> Iterator[list[list[socket.socket]]]:
+    """New connections, grouped by the front-end the kernel gave each, until both have `wanted`."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    by_front_end: dict[str, list[socket.socket]] = collections.defaultdict(list)
+    try:
+        while len(by_front_end) < 2 or min(len(held) for held in by_front_end.values()) < wanted:
+            connection = socket.create_connection((host, int(port)))
+            by_front_end[_front_end_of(connection)].append(connection)
+        yield list(by_front_end.values())
+    finally:
+        for connection in itertools.chain(*by_front_end.values()):
+            connection.close()
 
 
 def test_a_burst_of_new_connections_reaches_every_front_end():
@@ -111,6 +150,56 @@ def test_a_burst_of_new_connections_reaches_every_front_end():
             for connection in connections:
                 connection.close()
         assert len(served) == 2 and min(served.values()) >= 4, served
+
+
+def test_one_front_end_may_hold_most_of_the_queue_and_the_bound_holds_over_both(photo_1024):
+    """However the kernel spreads connections, the queue is one: two full requests on one front-end
+    are both admitted, and the other front-end then refuses, until they are answered."""
+    with (
+        run_server(frontend_processes=2, max_queue_images=32, max_images_per_request=16) as server,
+        _connections_by_front_end(server, 2) as (busy, quiet),
+    ):
+        upload = multipart_upload(server.url, "/classify", [photo_1024] * 16)
+        engine = children(server)["engine"]
+        os.kill(engine, signal.SIGSTOP)  # so that both stay admitted until the refusal is seen
+        try:
+            for connection in busy[:2]:
+                connection.sendall(upload)
+            with server.client() as client:
+                wait_for(lambda: metric(client, "vit_images_in_flight") == 32)
+            quiet[0].sendall(multipart_upload(server.url, "/classify", [photo_1024]))
+            status, _, body = _response(quiet[0])
+            assert status == 429 and json.loads(body)["error_type"] == "overloaded"
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        for connection in busy[:2]:
+            status, _, body = _response(connection)
+            assert status == 200 and len(json.loads(body)["results"]) == 16
+        quiet[0].sendall(upload)
+        assert _response(quiet[0])[0] == 200
+        assert server.stop() == 0
+
+
+def test_a_dead_front_ends_images_no_longer_hold_the_queue(photo_1024):
+    with (
+        run_server(frontend_processes=2, max_queue_images=16, max_images_per_request=16) as server,
+        _connections_by_front_end(server, 1) as (doomed, survivor),
+    ):
+        victim = children(server)[_process_name_behind(server, doomed[0])]
+        engine = children(server)["engine"]
+        os.kill(engine, signal.SIGSTOP)  # so that the whole queue is still held when its front-end dies
+        try:
+            doomed[0].sendall(multipart_upload(server.url, "/classify", [photo_1024] * 16))
+            with server.client() as client:
+                wait_for(lambda: metric(client, "vit_images_in_flight") == 16)
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: "exited with -9: starting it again" in server.log)
+            survivor[0].sendall(multipart_upload(server.url, "/classify", [photo_1024] * 16))
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        status, _, body = _response(survivor[0])
+        assert status == 200 and len(json.loads(body)["results"]) == 16
+        assert server.stop() == 0  # stopped while the dead one's successor starts: a clean stop all the same
 
 
 def test_a_second_server_on_the_same_port_refuses_to_start():

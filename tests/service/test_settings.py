@@ -40,11 +40,6 @@ def test_decode_threads_cover_the_cores_across_the_front_ends_with_two_in_each_a
     assert Settings(preprocess_threads=5).resolved_preprocess_threads(16, 64) == 5
 
 
-def test_each_front_end_admits_its_share_of_the_queue_and_one_full_request_at_least():
-    settings = Settings(max_queue_images=256, max_images_per_request=32)
-    assert [settings.image_slots_per_frontend(frontends) for frontends in (1, 2, 3, 8, 15)] == [256, 128, 86, 32, 32]
-
-
 def test_session_workers_default_to_one_per_core_on_cpu_and_one_on_cuda():
     settings = Settings()
     assert settings.resolved_session_workers(on_cuda=True) == 1

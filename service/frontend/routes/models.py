@@ -33,7 +33,7 @@ def model_info(frontend: Frontend) -> ModelInfo:
         batching=BatchingOut(
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
-            max_queue_images=layout.total_images,
+            max_queue_images=settings.max_queue_images,
             frontend_processes=layout.partitions,
             session_workers=info.session_workers,
             intra_op_threads=info.intra_op_threads,

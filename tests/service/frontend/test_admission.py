@@ -20,23 +20,34 @@ SLOTS, PER_REQUEST = 16, 8
 IMAGES = 7
 
 
+def _front_ends(count: int) -> list[EngineClient]:
+    """The engine clients of `count` front-ends on one ring, as the supervisor lays it out."""
+    manifest = Manifest.read(DEFAULT_MODEL_DIR)
+    settings = Settings(max_queue_images=SLOTS, max_images_per_request=PER_REQUEST, frontend_processes=count)
+    ring = Ring.create(RingLayout.for_model(manifest, count, SLOTS, 1))
+    clients = []
+    for partition in range(count):
+        lifecycle = Lifecycle(settings.retry_after_s, lambda: None, lambda _: None)
+        lifecycle.started = lifecycle.engine_connected = True  # as the engine's welcome sets them
+        decoder = Decoder(manifest.preprocessing, settings.max_image_pixels)
+        address = "no engine: admission needs none"
+        clients.append(EngineClient(ring, partition, address, settings, decoder, lifecycle, FrontendMetrics()))
+    return clients
+
+
 @pytest.fixture
 def engine() -> Iterator[EngineClient]:
-    manifest = Manifest.read(DEFAULT_MODEL_DIR)
-    settings = Settings(max_queue_images=SLOTS, max_images_per_request=PER_REQUEST, frontend_processes=1)
-    lifecycle = Lifecycle(settings.retry_after_s, lambda: None, lambda _: None)
-    lifecycle.started = lifecycle.engine_connected = True  # as the engine's welcome sets them
-    client = EngineClient(
-        Ring.create(RingLayout.for_model(manifest, 1, SLOTS, 1)),
-        0,
-        "no engine: admission needs none",
-        settings,
-        Decoder(manifest.preprocessing, settings.max_image_pixels),
-        lifecycle,
-        FrontendMetrics(),
-    )
+    (client,) = _front_ends(1)
     yield client
     asyncio.run(client.close())
+
+
+@pytest.fixture
+def two_front_ends() -> Iterator[list[EngineClient]]:
+    clients = _front_ends(2)
+    yield clients
+    for client in clients:
+        asyncio.run(client.close())
 
 
 def test_a_body_refused_as_it_streams_is_admitted_again_when_its_images_fit(engine):
@@ -54,3 +65,21 @@ def test_a_body_refused_as_it_streams_is_admitted_again_when_its_images_fit(engi
                 engine.hold(late, 1, first_image)
             with engine.admitted(size) as next_one:  # seven free
                 assert len(next_one.slots) == IMAGES
+
+
+def test_the_queue_bound_is_one_over_every_front_end_however_the_connections_split(two_front_ends):
+    """The kernel may hand most connections to one front-end: it admits past an even share while
+    the other holds little, and the images held by both together stay within the bound."""
+    busy, quiet = two_front_ends
+    with busy.admitted(None) as first, busy.admitted(None) as second:
+        busy.hold(first, PER_REQUEST, 1000)
+        busy.hold(second, 4, 1000)  # 12 of 16 on one front-end
+        with quiet.admitted(None) as few:
+            quiet.hold(few, 4, 1000)
+            for front_end in (quiet, busy):
+                refused = pytest.raises(Overloaded, match=f"{SLOTS} images admitted over every front-end")
+                with refused, front_end.admitted(None):
+                    pytest.fail("admitted past the bound")
+    with quiet.admitted(None) as whole:
+        quiet.hold(whole, PER_REQUEST, 1000)
+        assert len(whole.slots) == PER_REQUEST
