@@ -407,11 +407,13 @@ class EngineClient:
         missing = expected - len(admission.slots)
         if missing <= 0:
             return
-        if missing > self._image_room():
+        try:
+            admission.slots += self._take(self._free_images, missing)
+        except Overloaded:
             # Taught as the whole body would teach it once read (its size over its images), so that
             # the admissions that follow refuse such bodies at once, and admit them when they fit.
             self._learn(declared, expected)
-        admission.slots += self._take(self._free_images, missing)
+            raise
 
     def _learn(self, declared_bytes: int | None, images: int) -> None:
         # A sample of no bytes would make the size zero, and the next body is divided by it.
