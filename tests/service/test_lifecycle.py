@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.server import run_server
-from tests.conftest import REPO, metric
+from tests.conftest import REPO, metric, wait_for
 
 
 def test_probes_report_alive_started_and_ready(client, expected_provider):
@@ -63,7 +63,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(photo_1024):
                 if in_flight and any(f.done() for f in futures):
                     break  # a loaded machine answered one before the last was admitted: drain those in flight
             server.process.send_signal(signal.SIGTERM)
-            # The listener stays open while draining: readiness says so and new work is refused.
+            # The listener stays open while draining: readiness says so and new work is refused. The
+            # signal reaches the front-ends through the supervisor, which a loaded machine may
+            # schedule after this process's next request.
+            wait_for(lambda: client.get("/readyz").status_code == 503, timeout=10)
             ready = client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["reason"].startswith("draining")
             refused = client.post("/classify", files=files[:1])
