@@ -222,6 +222,9 @@ def peers_command(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown peer(s) {unknown}; the peers are {', '.join(NAMES)}")
         return 2
+    if args.rounds < 1:
+        print("--rounds must be at least 1")
+        return 2
     if args.model.resolve() == DEFAULT_MODEL_DIR.resolve():
         gate = fashion_mnist_gate()
     else:  # real photos at the model's resize size: top-1 must match the service's, whatever it is
@@ -241,6 +244,7 @@ def peers_command(args: argparse.Namespace) -> int:
         args.images_per_request,
         only,
         args.out / "logs",
+        args.rounds,
     )
     table = result.markdown()
     print(table)
@@ -386,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     peers.add_argument("--images-per-request", type=int, default=1, help="images in each request, for every server")
     peers.add_argument("--seconds", type=float, default=5.0, help="seconds of each timed window")
     peers.add_argument("--only", help="comma-separated peers to run beside the service (default: all)")
+    peers.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="times every server takes its turn at every level, the order reversed each round; the ratios are "
+        "the rounds' medians",
+    )
     peers.add_argument("--upload-side", type=int, default=248, help="side of the square uploaded JPEG")
     peers.add_argument(
         "--out", type=Path, default=Path("bench-results/peers"), help="folder for JSON, Markdown, PNG and logs"

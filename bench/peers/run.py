@@ -1,9 +1,15 @@
-"""`vit-bench peers`: start each server, check its answers, time it, stop it; the service first.
+"""`vit-bench peers`: check each server's answers, then time them in turns, one server up at a time.
 
 Every server gets the same load generator (bench.load.wire_closed_loop, in its own process), the
 same uploads, the same concurrency levels and the same windows as `vit-bench run` uses: at each
 level a settle window (about one round trip of every client) and then a timed window. CPU time is
 that of the server's whole process tree inside the timed window (bench.cpu).
+
+Round after round, each server is started, timed at every level and stopped, the order reversed
+each round: on a shared machine whose speed drifts by a third within minutes, one round is a
+sample of one, and a drift that favours the first server of one round favours the last of the
+next. Only the server being timed is up: some draw CPU while idle (LitServe's workers a quarter
+of a core here, Ray Serve's a tenth), which would be taken from every other server's windows.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -150,7 +156,7 @@ def run_peer(peer: Peer, model_dir: Path, device: str, workers: int, max_batch: 
     port = free_port()
     command = [sys.executable, "-m", peer.module, "--model", str(model_dir), "--device", device]
     command += ["--port", str(port), "--workers", str(workers), "--max-batch-size", str(max_batch)]
-    with log.open("wb") as output:
+    with log.open("ab") as output:  # every start of a run in one log
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield Running(f"http://127.0.0.1:{port}", process.pid, log)
@@ -174,34 +180,74 @@ def wait_ready(running: Running, request: bytes) -> None:
         time.sleep(0.5)
 
 
+@dataclass(frozen=True)
+class Contender:
+    """A server up and ready to be timed, and the request it is timed with."""
+
+    name: str
+    url: str
+    pid: int
+    request: bytes
+
+
+@dataclass(frozen=True)
+class Entrant:
+    """A server that passed the gate: its name, and how to bring it up (stopped on exit)."""
+
+    name: str
+    start: Callable[[], AbstractContextManager[Contender]]
+
+
 def measure(
-    system: str, url: str, request: bytes, per_request: int, levels: list[int], seconds: float, limit: float, pid: int
-) -> list[Level]:
-    """Each level as bench.throughput measures the service's, with the CPU time of the server's
-    process tree sampled as the timed window opens and closes."""
-    results = []
-    windows = timed_windows(url, request, levels, seconds, per_request, limit, lambda: (process_tree_cpu_seconds(pid),))
-    for window in windows:
-        latencies = window.latencies_ms()
-        results.append(
-            Level(
-                system,
-                window.clients,
-                len(window.answered) * per_request / seconds,
-                percentile(latencies, 50),
-                percentile(latencies, 99),
-                window.errors,
-                len(window.answered),
-                window.spent[0],
-            )
-        )
-        logger.info("%s c=%d: %.1f images/s", system, window.clients, results[-1].images_per_s)
-    return results
+    contender: Contender, per_request: int, clients: int, seconds: float, limit: float, round_: int
+) -> Level | None:
+    """One level as bench.throughput measures the service's, with the CPU time of the server's
+    process tree sampled as the timed window opens and closes; None if nothing finished inside it."""
+
+    def sample() -> tuple[float]:
+        return (process_tree_cpu_seconds(contender.pid),)
+
+    window = next(timed_windows(contender.url, contender.request, [clients], seconds, per_request, limit, sample), None)
+    if window is None:
+        return None
+    latencies = window.latencies_ms()
+    level = Level(
+        contender.name,
+        window.clients,
+        len(window.answered) * per_request / seconds,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        window.errors,
+        len(window.answered),
+        window.spent[0],
+        round_,
+    )
+    logger.info("round %d, %s c=%d: %.1f images/s", round_ + 1, contender.name, clients, level.images_per_s)
+    return level
 
 
-def gate_then_time(gate: Gate, time_it: Callable[[], list[Level]]) -> list[Level]:
-    """A server that answered the gate wrong, or not at all, is never timed."""
-    return time_it() if gate.passed else []
+def take_turns(
+    entrants: list[Entrant], levels: list[int], rounds: int, time_one: Callable[[Contender, int, int], Level | None]
+) -> tuple[list[Level], dict[str, str]]:
+    """Each entrant up in turn and timed at every level, round after round, the order reversed each
+    round; the levels, and why each server that broke (would not start again, or failed under
+    load) was left out: it keeps no figures."""
+    timed: list[Level] = []
+    broken: dict[str, str] = {}
+    for round_ in range(rounds):
+        for entrant in entrants if round_ % 2 == 0 else entrants[::-1]:
+            if entrant.name in broken:
+                continue
+            try:
+                with entrant.start() as contender:
+                    for clients in levels:
+                        if (level := time_one(contender, clients, round_)) is None:
+                            break  # nothing finished in the window: more clients would read as worse still
+                        timed.append(level)
+            except Exception as exc:  # a peer that breaks must not take the others' figures with it
+                logger.exception("%s broke while timed", entrant.name)
+                broken[entrant.name] = repr(exc)
+    return [level for level in timed if level.system not in broken], broken
 
 
 def _version(distribution: str) -> str:
@@ -222,8 +268,9 @@ def run_peers(
     images_per_request: int = 1,
     only: list[str] | None = None,
     logs: Path = Path("bench-results/peers/logs"),
+    rounds: int = 1,
 ) -> PeersResult:
-    """The service, then each peer in `only` (default: all), on the same device and load."""
+    """The service and each peer in `only` (default: all), on the same device and load."""
     manifest = Manifest.read(model_dir)
     prep = manifest.preprocessing
     provider = provider_for(device)
@@ -247,14 +294,10 @@ def run_peers(
         limit_images_per_s=limit.images_per_s,
         limit_layout=f"{workers} session(s) x 1 thread, batch {limit_batch}",
         skipped_levels=[level for level in levels if level not in measured],
+        rounds=rounds,
     )
     logs.mkdir(parents=True, exist_ok=True)
     uploads = [upload] * images_per_request
-
-    def timing(url: str, peer_request: Callable[[str, list[bytes], str], bytes], name: str, pid: int) -> list[Level]:
-        request = peer_request(url, uploads, "image/jpeg")
-        return measure(name, url, request, images_per_request, measured, seconds, limit.images_per_s, pid)
-
     # As vit-bench run starts it, with the batch limit every peer gets said aloud.
     queue = max(256, 4 * max(measured) * images_per_request)
     settings: dict[str, object] = {
@@ -263,16 +306,29 @@ def run_peers(
         "max_queue_images": queue,
         "max_batch_size": max_batch,
     }
-    with run_server(model_dir, None, **settings) as server:
-        try:
-            service = Peer(SERVICE, "vit-serve", "service.cli", multipart_request, results_top1, lambda *_: "")
-            reference = top1_of(server.url, service, gate, images_per_request)
-            words = ", ".join(f"VIT_{key.upper()}={value}" for key, value in settings.items())
-            result.systems.append(System(SERVICE, _version("vit-serve"), f"its defaults, and {words}"))
-            result.levels += timing(server.url, multipart_request, SERVICE, server.process.pid)
-        finally:
-            stop(server.process)
+    service = Peer(SERVICE, "vit-serve", "service.cli", multipart_request, results_top1, lambda *_: "")
 
+    @contextmanager
+    def service_up() -> Iterator[Contender]:
+        with run_server(model_dir, None, **settings) as server:
+            try:
+                yield Contender(
+                    SERVICE, server.url, server.process.pid, multipart_request(server.url, uploads, "image/jpeg")
+                )
+            finally:
+                stop(server.process)  # SIGTERM, then whatever of its tree is left
+
+    @contextmanager
+    def peer_up(peer: Peer, log: Path) -> Iterator[Contender]:
+        with run_peer(peer, model_dir, device, workers, max_batch, log) as running:
+            wait_ready(running, peer.request(running.url, gate.images[:images_per_request], gate.content_type))
+            yield Contender(peer.name, running.url, running.pid, peer.request(running.url, uploads, "image/jpeg"))
+
+    with service_up() as up:
+        reference = top1_of(up.url, service, gate, images_per_request)
+    words = ", ".join(f"VIT_{key.upper()}={value}" for key, value in settings.items())
+    result.systems.append(System(SERVICE, _version("vit-serve"), f"its defaults, and {words}"))
+    entrants = [Entrant(SERVICE, service_up)]
     for entry in ENTRIES:
         if only and entry.name not in only:
             continue
@@ -282,19 +338,25 @@ def run_peers(
         peer = load(entry)
         system = System(peer.name, _version(peer.distribution), peer.describe(workers, max_batch, device))
         log = logs / f"{peer.name}.log"
+        log.write_bytes(b"")
         logger.info("starting %s (log: %s)", peer.name, log)
-        with run_peer(peer, model_dir, device, workers, max_batch, log) as running:
-            try:
-                wait_ready(running, peer.request(running.url, gate.images[:images_per_request], gate.content_type))
-                checked = check_gate(peer.name, reference, top1_of(running.url, peer, gate, images_per_request))
-            except PeerError as exc:
-                checked = Gate(peer.name, len(reference), len(reference), error=str(exc))
-            logger.info("%s: %s", peer.name, checked.verdict)
-            note, time_it = None, partial(timing, running.url, peer.request, peer.name, running.pid)
-            try:
-                result.levels += gate_then_time(checked, time_it)
-            except Exception as exc:  # a peer that breaks under load must not take the others' figures with it
-                logger.exception("%s broke while timed", peer.name)
-                note = f"passed the gate, then broke under load: {exc!r}; its log: {log}"
-            result.systems.append(replace(system, gate=checked, note=note))
+        try:
+            with peer_up(peer, log) as up:
+                checked = check_gate(peer.name, reference, top1_of(up.url, peer, gate, images_per_request))
+        except PeerError as exc:
+            checked = Gate(peer.name, len(reference), len(reference), error=str(exc))
+        logger.info("%s: %s", peer.name, checked.verdict)
+        result.systems.append(replace(system, gate=checked))
+        if checked.passed:  # a server that answered the gate wrong, or not at all, is never timed
+            entrants.append(Entrant(peer.name, partial(peer_up, peer, log)))
+
+    def time_one(contender: Contender, clients: int, round_: int) -> Level | None:
+        return measure(contender, images_per_request, clients, seconds, limit.images_per_s, round_)
+
+    result.levels, broken = take_turns(entrants, measured, rounds, time_one)
+    for name, why in broken.items():
+        index = next(i for i, s in enumerate(result.systems) if s.name == name)
+        result.systems[index] = replace(
+            result.systems[index], note=f"passed the gate, then broke: {why}; its log: {logs / f'{name}.log'}"
+        )
     return result

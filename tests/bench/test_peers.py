@@ -5,6 +5,9 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import pytest
 
@@ -12,12 +15,12 @@ from bench.load import multipart_upload
 from bench.peers import NAMES, results_top1, torchserve_peer
 from bench.peers.common import ENV_DEVICE, ENV_MODEL, OnnxClassifier, multipart_files
 from bench.peers.report import Gate, Level, PeersResult, System, check_gate, plot
-from bench.peers.run import PeerError, exchange, gate_then_time
+from bench.peers.run import Contender, Entrant, PeerError, exchange, take_turns
 from service.settings import DEFAULT_MODEL_DIR
 
 
-def _level(system: str, concurrency: int, images_per_s: float, p99_ms: float = 50.0) -> Level:
-    return Level(system, concurrency, images_per_s, p99_ms / 2, p99_ms, 0, int(images_per_s * 2), 0.5)
+def _level(system: str, concurrency: int, images_per_s: float, p99_ms: float = 50.0, round_: int = 0) -> Level:
+    return Level(system, concurrency, images_per_s, p99_ms / 2, p99_ms, 0, int(images_per_s * 2), 0.5, round_)
 
 
 def _result() -> PeersResult:
@@ -63,14 +66,79 @@ def test_the_gate_refuses_a_peer_whose_top1_differs_or_is_missing():
     assert not broken.passed and broken.verdict == "failed: answered 500"
 
 
-def test_a_peer_that_fails_the_gate_is_never_timed():
-    def must_not_run() -> list[Level]:
-        raise AssertionError("a wrong peer was timed")
+def _entrants(names: list[str], events: list[str], fails_to_start: str = "") -> list[Entrant]:
+    """Entrants that note when they come up and go down, and one that will not start a second time."""
 
-    assert gate_then_time(check_gate("p", [1, 2], [1, 3]), must_not_run) == []
-    assert gate_then_time(Gate("p", 2, 2, error="did not start"), must_not_run) == []
-    timed = [_level("p", 4, 10.0)]
-    assert gate_then_time(check_gate("p", [1, 2], [1, 2]), lambda: timed) == timed
+    def start(name: str) -> Iterator[Contender]:
+        if name == fails_to_start and f"up {name}" in events:
+            raise PeerError("no 200 within 300 s")
+        events.append(f"up {name}")
+        try:
+            yield Contender(name, "http://127.0.0.1:1", 1, b"")
+        finally:
+            events.append(f"down {name}")
+
+    return [Entrant(name, partial(contextmanager(start), name)) for name in names]
+
+
+def test_each_server_is_up_alone_for_its_turn_and_the_order_reverses_every_round():
+    events: list[str] = []
+
+    def time_one(contender: Contender, clients: int, round_: int) -> Level | None:
+        events.append(f"{contender.name} c={clients}")
+        return _level(contender.name, clients, 100.0, round_=round_)
+
+    levels, broken = take_turns(_entrants(["service", "mosec"], events), [4, 16], 3, time_one)
+    turn = ["up {0}", "{0} c=4", "{0} c=16", "down {0}"]
+    service, mosec = ([step.format(name) for step in turn] for name in ("service", "mosec"))
+    assert events == service + mosec + mosec + service + service + mosec
+    assert [(level.round, level.system) for level in levels[:4]] == [(0, "service")] * 2 + [(0, "mosec")] * 2
+    assert len(levels) == 12 and broken == {}
+
+
+def test_a_server_that_breaks_keeps_no_figures_and_the_others_go_on():
+    events: list[str] = []
+
+    def time_one(contender: Contender, clients: int, round_: int) -> Level | None:
+        if contender.name == "litserve":
+            raise ConnectionResetError("gone")
+        if clients == 16 and round_ == 1:
+            return None  # nothing finished inside the window: not broken, and no higher level this round
+        return _level(contender.name, clients, 100.0, round_=round_)
+
+    entrants = _entrants(["service", "mosec", "litserve"], events, fails_to_start="mosec")
+    levels, broken = take_turns(entrants, [4, 16, 64], 2, time_one)
+    assert broken == {"litserve": "ConnectionResetError('gone')", "mosec": "PeerError('no 200 within 300 s')"}
+    assert "down litserve" in events  # stopped, though it broke while timed
+    assert [(level.round, level.system, level.concurrency) for level in levels] == [
+        (0, "service", 4),
+        (0, "service", 16),
+        (0, "service", 64),
+        (1, "service", 4),
+    ]
+
+
+def test_over_rounds_the_ratio_is_the_median_of_each_rounds_own():
+    result = _result()
+    result.rounds = 3
+    result.levels = [
+        _level("service", 16, 400.0, round_=0),
+        _level("mosec", 16, 500.0, round_=0),
+        _level("service", 16, 600.0, round_=1),
+        _level("mosec", 16, 500.0, round_=1),
+        _level("service", 16, 900.0, round_=2),
+        _level("mosec", 16, 800.0, round_=2),
+    ]
+    (row,) = result.ratios()
+    assert row["per_round"] == pytest.approx([0.8, 1.2, 900 / 800])
+    assert row["service_over_best_peer"] == pytest.approx(900 / 800)
+    assert row["rounds_ahead"] == 2
+    # The medians of each server's own figures: 600 over 500, not the ratio's median.
+    assert (row["service_images_per_s"], row["best_peer_images_per_s"]) == (600.0, 500.0)
+    table = result.markdown()
+    assert "3 rounds: in each, each server started, timed at every level and stopped in turn" in table
+    assert "| server | concurrency | median of 3 rounds: images/s |" in table
+    assert "| 16 | 600.0 | mosec | 500.0 | 1.12x | 50.0 / 50.0 | 0.80-1.20x | 2 of 3 rounds |" in table
 
 
 def test_ratios_compare_the_service_with_the_best_peer_at_each_level():
