@@ -281,6 +281,20 @@ def _load(settings: Settings, manifest: Manifest, ring: Ring, metrics: EngineMet
     return runners
 
 
+def _stop_signal_pipe() -> int:
+    """A pipe that SIGTERM and SIGINT write to; reading it waits for one.
+
+    The handlers themselves do nothing: a handler that set a threading.Event ran inside the set() of
+    the signal before it when two came close together, and waited for that call's lock forever (an
+    engine that `kill -9` of its supervisor left hanging, with the port's front-ends gone)."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    return read_end
+
+
 def main() -> int:
     boot: Boot = read_boot()
     settings, manifest, layout = boot.typed()
@@ -296,9 +310,7 @@ def main() -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(boot.engine_address)
     listener.listen(64)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop_signals = _stop_signal_pipe()
     workers = [
         threading.Thread(target=engine.work, args=(runner,), name=f"{graph.name.lower()}-{i}")
         for graph, runner in runners.items()
@@ -310,7 +322,7 @@ def main() -> int:
     settle_heap()
     report(boot.status_fd, ready=True, **engine.info())
     os.close(boot.status_fd)
-    stop.wait()
+    os.read(stop_signals, 1)
     logger.info("stopping: waiting for the front-ends to leave (grace %.1f s)", settings.drain_grace_s)
     engine.drain(settings.drain_grace_s)
     listener.close()

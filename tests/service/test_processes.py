@@ -271,6 +271,22 @@ def test_with_no_restarts_left_an_engine_death_stops_the_server_non_zero(shm_bef
     assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
 
 
+def test_an_engine_stops_however_many_signals_come_at_once(shm_before):
+    """Kubernetes' SIGTERM, a supervisor's death and an operator's Ctrl-C can arrive together; a
+    second signal must not find the first one's handler half done."""
+    with run_server(frontend_processes=2, engine_restarts=0, drain_grace_s=1) as server:
+        engine = children(server)["engine"]
+        deadline = time.monotonic() + 0.5
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.kill(engine, signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 1  # the engine left, with no restarts allowed
+        # It drained and exited; it was neither killed by one of the signals (-15) nor left hanging.
+        assert "the engine exited with 0" in server.log
+        wait_for(lambda: not Path(f"/proc/{engine}").exists(), timeout=30)
+    assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
+
+
 def test_kill_9_of_the_supervisor_takes_every_process_with_it(samples, shm_before):
     with run_server(frontend_processes=2) as server, server.client() as client:
         named = children(server)
