@@ -74,6 +74,16 @@ def report(status_fd: int, **fields: object) -> None:
         os.write(status_fd, json.dumps(fields).encode() + b"\n")
 
 
+def signals_to_pipe(write_end: int) -> None:
+    """From now on SIGTERM and SIGINT only write their number to `write_end` (non-blocking), for the
+    main thread to read. A handler that did more could run inside the one of the signal before it,
+    with its locks held: the engine's set a threading.Event, and a burst of SIGTERMs killed it
+    undrained or left it waiting forever on the lock of the set() it had interrupted."""
+    signal.set_wakeup_fd(write_end)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
 def settle_heap() -> None:
     """Once started: what start-up built leaves the cyclic collector's view, and young
     collections come less often."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from service.boot import Boot
+from service.boot import Boot, signals_to_pipe
 from service.errors import StartupError
 from service.model_folder import load_manifest
 from service.settings import Settings
@@ -185,9 +185,7 @@ class Supervisor:
         return message
 
     def run(self) -> int:
-        signal.set_wakeup_fd(self._wakeup_write)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)  # the wake-up fd carries the signal to the loop
+        signals_to_pipe(self._wakeup_write)  # the loop reads them with its children's events
         try:
             # All at once: the front-ends import their web stack while the engine loads and warms up.
             engine = self.spawn("engine")

@@ -63,7 +63,6 @@ class Summary:
 
     system: str
     concurrency: int
-    rounds: int
     images_per_s: float
     p50_ms: float
     p99_ms: float
@@ -117,7 +116,6 @@ class PeersResult:
         return Summary(
             system,
             concurrency,
-            len(runs),
             statistics.median(r.images_per_s for r in runs),
             statistics.median(r.p50_ms for r in runs),
             statistics.median(r.p99_ms for r in runs),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from model_export.manifest import Manifest
-from service.boot import Boot, read_boot, report, settle_heap
+from service.boot import Boot, read_boot, report, settle_heap, signals_to_pipe
 from service.engine.batcher import Batcher, Item
 from service.engine.runtime import OnnxBackend, row_size, warm_up_batch_sizes
 from service.errors import StartupError
@@ -281,20 +280,6 @@ def _load(settings: Settings, manifest: Manifest, ring: Ring, metrics: EngineMet
     return runners
 
 
-def _stop_signal_pipe() -> int:
-    """A pipe that SIGTERM and SIGINT write to; reading it waits for one.
-
-    The handlers themselves do nothing: a handler that set a threading.Event ran inside the set() of
-    the signal before it when two came close together, and waited for that call's lock forever (an
-    engine that `kill -9` of its supervisor left hanging, with the port's front-ends gone)."""
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(write_end, False)
-    signal.set_wakeup_fd(write_end)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    return read_end
-
-
 def main() -> int:
     boot: Boot = read_boot()
     settings, manifest, layout = boot.typed()
@@ -310,7 +295,9 @@ def main() -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(boot.engine_address)
     listener.listen(64)
-    stop_signals = _stop_signal_pipe()
+    stop_signals, write_end = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(write_end, False)
+    signals_to_pipe(write_end)
     workers = [
         threading.Thread(target=engine.work, args=(runner,), name=f"{graph.name.lower()}-{i}")
         for graph, runner in runners.items()
