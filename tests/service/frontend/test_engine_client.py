@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import Context
@@ -17,6 +18,7 @@ from model_export.manifest import Manifest
 from service.errors import ClientDisconnected
 from service.frontend.decode import Decoder
 from service.frontend.engine_client import MAX_MESSAGE, EngineClient
+from service.frontend.uploads import Upload
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
 from service.settings import DEFAULT_MODEL_DIR, Settings
@@ -154,6 +156,40 @@ def test_a_client_that_leaves_while_the_engine_works_gets_499_and_its_image_is_c
         await fake.answer(engine, [slot for slot, _ in records if slot not in cancelled])
         assert (await staying == 1).all()
         assert still_open.waiting == 0  # an answered request leaves nothing on its connection
+
+    serve(fake, scenario)
+
+
+def test_a_request_cancelled_while_its_image_decodes_holds_the_slot_until_the_decode_ends(manifest):
+    """A front-end's shutdown cancels what is still in flight: a decode thread may be writing into
+    the slot, so the slot goes back only once the write is over, and nothing reaches the engine."""
+    fake = FakeEngine(manifest, tensor_slots=0)
+    writing, release = threading.Event(), threading.Event()
+
+    class SlowDecoder(Decoder):
+        def decode_into(self, data: bytes, out: np.ndarray) -> None:
+            writing.set()
+            release.wait(10)
+            out[...] = 7
+
+    fake.client.decoder = SlowDecoder(manifest.preprocessing, fake.settings.max_image_pixels)
+
+    async def scenario(engine: socket.socket) -> None:
+        async def request() -> None:
+            with fake.client.admitted() as admission:
+                await fake.client.run(admission, [Upload("a.jpg", b"jpeg")], deadline=time.monotonic() + 30)
+
+        running = asyncio.create_task(request())
+        assert await asyncio.to_thread(writing.wait, 10)
+        running.cancel()
+        await asyncio.sleep(0.05)
+        assert not running.done() and fake.ring.admitted[0] == 1  # held while the thread writes
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert fake.ring.admitted[0] == 0
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.get_running_loop().sock_recv(engine, MAX_MESSAGE), 0.2)
 
     serve(fake, scenario)
 
