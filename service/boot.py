@@ -75,10 +75,12 @@ def report(status_fd: int, **fields: object) -> None:
 
 
 def signals_to_pipe(write_end: int) -> None:
-    """From now on SIGTERM and SIGINT only write their number to `write_end` (non-blocking), for the
-    main thread to read. A handler that did more could run inside the one of the signal before it,
-    with its locks held: the engine's set a threading.Event, and a burst of SIGTERMs killed it
-    undrained or left it waiting forever on the lock of the set() it had interrupted."""
+    """From now on SIGTERM and SIGINT only write their number to `write_end`, made non-blocking
+    here as the wake-up fd must be, for the main thread to read. A handler that did more could run
+    inside the one of the signal before it, with its locks held: the engine's set a
+    threading.Event, and a burst of SIGTERMs killed it undrained or left it waiting forever on the
+    lock of the set() it had interrupted."""
+    os.set_blocking(write_end, False)
     signal.set_wakeup_fd(write_end)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)

@@ -296,7 +296,6 @@ def main() -> int:
     listener.bind(boot.engine_address)
     listener.listen(64)
     stop_signals, write_end = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(write_end, False)
     signals_to_pipe(write_end)
     workers = [
         threading.Thread(target=engine.work, args=(runner,), name=f"{graph.name.lower()}-{i}")
