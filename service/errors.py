@@ -92,6 +92,14 @@ class Draining(ServiceError):
 class DeadlineExceeded(ServiceError):
     status, error_type = 504, "deadline_exceeded"
 
+    def __init__(self, message: str, *, body_unread: bool = False) -> None:
+        super().__init__(message)
+        self.body_unread = body_unread
+
+    def headers(self) -> dict[str, str]:
+        # The rest of a body that stalled may never come; the connection goes with the request.
+        return {"Connection": "close"} if self.body_unread else {}
+
 
 class ClientDisconnected(ServiceError):
     # nginx's "client closed request": nobody reads this answer, but logs and metrics do.

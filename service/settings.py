@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(
         256, ge=1, description="images admitted and not yet answered, over every front-end; beyond: 429"
     )
-    request_timeout_s: float = Field(30.0, gt=0, description="default deadline per request; beyond it: 504")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="default deadline per request, the body's arrival included; beyond it: 504"
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429 and 503")
 
     # Input limits

@@ -1,5 +1,6 @@
 """The one core call both protocols use: admission, decode into this front-end's slots, hand them
-to the engine, await their rows within the deadline and while the client stays, give them back.
+to the engine, await their rows while the client stays, give them back; all of it, the body's
+reading included, within the request's deadline.
 
 A slot is in exactly one place: free here, being written here (decode), or in the engine (from
 SUBMIT until its DONE). A request that gives up (deadline, disconnect, error) leaves its slots in
@@ -17,7 +18,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 
@@ -113,7 +114,9 @@ class Admission:
     """What an admitted request holds while its body is read: the image slots its size suggests."""
 
     declared_bytes: int | None  # the body's Content-Length, when it has one
+    deadline: float  # time.monotonic()
     slots: list[int]
+    reading: bool = True  # until the core call takes the body's inputs
 
 
 @dataclass(eq=False)
@@ -365,17 +368,31 @@ class EngineClient:
 
     # --- admission -------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def admitted(self, declared_bytes: int | None = None) -> Iterator[Admission]:
+    @contextlib.asynccontextmanager
+    async def admitted(self, declared_bytes: int | None, deadline: float) -> AsyncIterator[Admission]:
         """Count the request for the drain and refuse it now if it cannot be served: 503 while
         draining or without an engine, 429 when this front-end has no room for the images its
         body is likely to hold. Checked before the body is read, so a full server answers without
-        reading uploads it would refuse, and a burst of large uploads is refused at once."""
+        reading uploads it would refuse, and a burst of large uploads is refused at once.
+
+        The deadline covers everything inside, the body's reading too: a client that stalls
+        mid-body holds its reserved slots until then and no longer (504, and its connection
+        closes)."""
         with self.lifecycle.track():
             self._check_ready()
-            admission = Admission(declared_bytes, self._take(self._free_images, self._expected(declared_bytes)))
+            admission = Admission(
+                declared_bytes, deadline, self._take(self._free_images, self._expected(declared_bytes))
+            )
             try:
-                yield admission
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    yield admission
+            except TimeoutError:
+                self.metrics.rejections.labels(reason="deadline").inc()
+                if admission.reading:
+                    raise DeadlineExceeded(
+                        "the request's deadline passed before its body arrived", body_unread=True
+                    ) from None
+                raise DeadlineExceeded("the request's deadline passed before its images were classified") from None
             finally:
                 for slot in admission.slots:
                     self._free(slot)
@@ -482,14 +499,15 @@ class EngineClient:
         admission: Admission,
         inputs: Sequence[Upload | np.ndarray],
         *,
-        deadline: float,
         explain: bool = False,
         gone: asyncio.Future[None] | None = None,
     ) -> Answer:
-        """Each input's output rows, in order. Uploads are decoded here; float32 (C, H, W) arrays
+        """Each input's output rows, in order, for the body `admission` admitted (within its
+        deadline, which `admitted` keeps). Uploads are decoded here; float32 (C, H, W) arrays
         are already-normalised rows (the OIP FP32 input). Typed errors: the first bad upload
         (naming its part), 429 when more images came than were admitted and there is no room,
-        504 past the deadline, 499 when the client left (`gone`: resolved when its connection ends)."""
+        499 when the client left (`gone`: resolved when its connection ends)."""
+        admission.reading = False
         graph = Graph.EXPLAIN if explain else Graph.PLAIN
         if self.info is not None and not self.info.has(graph):
             raise InvalidParameter(
@@ -501,7 +519,7 @@ class EngineClient:
             self._learn(admission.declared_bytes, uploads)
         images, tensors = (iter(held) for held in self._settle(admission, uploads, len(inputs) - uploads))
         slots = [next(images) if isinstance(item, Upload) else next(tensors) for item in inputs]
-        request = _Request(graph, deadline, slots)
+        request = _Request(graph, admission.deadline, slots)
         try:
             decode_s = await self._fill(inputs, slots)
             self._requests.add(request)
@@ -555,11 +573,7 @@ class EngineClient:
         if gone is not None:
             gone.add_done_callback(leave)  # on a connection already closed: called at the next turn
         try:
-            async with asyncio.timeout(max(0.0, request.deadline - time.monotonic())):
-                await request.outcome
-        except TimeoutError:
-            self.metrics.rejections.labels(reason="deadline").inc()
-            raise DeadlineExceeded("the request's deadline passed before its images were classified") from None
+            await request.outcome
         finally:
             if gone is not None:
                 gone.remove_done_callback(leave)

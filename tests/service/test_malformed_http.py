@@ -1,11 +1,13 @@
 """Malformed and slow HTTP on raw sockets: the server answers what it can and keeps serving others."""
 
+import json
 import socket
 import time
 
 import pytest
 
 from bench.server import run_server
+from service.settings import Settings
 from tests.conftest import metric, wait_for
 
 
@@ -50,6 +52,49 @@ def test_slow_and_stalled_clients_do_not_block_others(target, samples):
     # Stalled uploads that were abandoned leave nothing in flight behind them.
     with target.client() as client:
         wait_for(lambda: metric(client, "vit_requests_in_flight") == 0, timeout=10)
+
+
+def _stalled_upload(port: int, declared: int, timeout_s: float) -> socket.socket:
+    """A multipart upload that sends its headers and the first bytes of its first image, then nothing."""
+    raw = socket.create_connection(("127.0.0.1", port))
+    head = (
+        "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {declared}\r\nX-Request-Timeout: {timeout_s}\r\n\r\n"
+        '--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+    )
+    raw.sendall(head.encode() + b"\xff\xd8\xff")
+    return raw
+
+
+def _until_closed(raw: socket.socket) -> bytes:
+    raw.settimeout(10)
+    reply = b""
+    while chunk := raw.recv(65536):
+        reply += chunk
+    return reply
+
+
+def test_uploads_that_stall_hold_the_queue_only_until_their_deadline(target, samples):
+    """A body that stops arriving keeps the images its size suggests (a full request's worth at the
+    body limit), so a few such connections fill the queue and others get 429 meanwhile. At their
+    deadline each is answered 504 and closed, and the queue is free again."""
+    settings = Settings()
+    full = settings.max_queue_images // settings.max_images_per_request
+    stalled = [_stalled_upload(_port(target), settings.max_body_bytes, 3) for _ in range(full)]
+    image = {"file": ("x.png", samples[0].encoded(), "image/png")}
+    try:
+        with target.client() as client:
+            wait_for(lambda: metric(client, "vit_images_in_flight") == settings.max_queue_images, timeout=10)
+            assert client.post("/classify", files=image).status_code == 429
+            for raw in stalled:
+                head, body = _until_closed(raw).split(b"\r\n\r\n", 1)
+                assert head.startswith(b"HTTP/1.1 504 ") and b"connection: close" in head.lower(), head
+                assert json.loads(body)["error_type"] == "deadline_exceeded"
+            wait_for(lambda: metric(client, "vit_images_in_flight") == 0, timeout=10)
+            assert client.post("/classify", files=image).status_code == 200
+    finally:
+        for raw in stalled:
+            raw.close()
 
 
 def test_a_body_that_stops_early_is_dropped_cleanly(target, samples):

@@ -50,11 +50,9 @@ async def classify(request: Request) -> Response:
     k = params.top_k(request, manifest.num_classes, frontend.settings.default_top_k)
     explain = params.flag(request, "explain")
     deadline = params.deadline(request, frontend.settings)
-    with engine.admitted(declared_length(request)) as admission:
+    async with engine.admitted(declared_length(request), deadline) as admission:
         uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
-        answer = await engine.run(
-            admission, uploads, deadline=deadline, explain=explain, gone=connection_closed(request.scope)
-        )
+        answer = await engine.run(admission, uploads, explain=explain, gone=connection_closed(request.scope))
     results = []
     for index, (upload, rows) in enumerate(zip(uploads, answer.rows, strict=True)):
         result: dict[str, object] = {

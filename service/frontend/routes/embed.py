@@ -36,9 +36,9 @@ async def embed(request: Request) -> Response:
     normalize = params.flag(request, "normalize")
     deadline = params.deadline(request, frontend.settings)
     engine = frontend.engine
-    with engine.admitted(declared_length(request)) as admission:
+    async with engine.admitted(declared_length(request), deadline) as admission:
         uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
-        answer = await engine.run(admission, uploads, deadline=deadline, gone=connection_closed(request.scope))
+        answer = await engine.run(admission, uploads, gone=connection_closed(request.scope))
     vectors = embeddings(answer.rows, normalize)
     results = [{"filename": u.name, "embedding": v.tolist()} for u, v in zip(uploads, vectors, strict=True)]
     body = {

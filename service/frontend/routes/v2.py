@@ -91,7 +91,7 @@ async def infer(name: str, request: Request) -> Response:
     _check_name(name, manifest)
     deadline = params.deadline(request, frontend.settings)
     height, width, channels = engine.ring.layout.pixel_shape
-    with engine.admitted(declared_length(request)) as admission:
+    async with engine.admitted(declared_length(request), deadline) as admission:
         body = await read_body(request, limits.max_bytes)
         if not body:
             raise BadRequest("empty inference request")
@@ -101,7 +101,7 @@ async def infer(name: str, request: Request) -> Response:
             if parsed.tensor is not None
             else [Upload(f"{IMAGE_INPUT}[{i}]", data) for i, data in enumerate(parsed.images)]
         )
-        answer = await engine.run(admission, inputs, deadline=deadline, gone=connection_closed(request.scope))
+        answer = await engine.run(admission, inputs, gone=connection_closed(request.scope))
     values = {PROBABILITIES_OUTPUT: probabilities(answer.rows), EMBEDDING_OUTPUT: embeddings(answer.rows, False)}
     content, header_length = encode_infer_response(parsed, manifest.name, values, manifest.labels)
     headers = {HEADER_LENGTH: str(header_length)} if header_length is not None else None

@@ -2,14 +2,16 @@
 
 import asyncio
 import math
+import time
 from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 
 from model_export.manifest import Manifest
 from service.errors import Overloaded
 from service.frontend.decode import Decoder
-from service.frontend.engine_client import EngineClient
+from service.frontend.engine_client import Admission, EngineClient
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
 from service.settings import DEFAULT_MODEL_DIR, Settings
@@ -35,6 +37,11 @@ def _front_ends(count: int) -> list[EngineClient]:
     return clients
 
 
+def admitted(client: EngineClient, size: int | None = None) -> AbstractAsyncContextManager[Admission]:
+    """An admission for a body of `size` bytes, due in a minute."""
+    return client.admitted(size, time.monotonic() + 60)
+
+
 @pytest.fixture
 def engine() -> Iterator[EngineClient]:
     (client,) = _front_ends(1)
@@ -57,29 +64,39 @@ def test_a_body_refused_as_it_streams_is_admitted_again_when_its_images_fit(engi
     size = next(size for size in range(1_000_000, 1_100_000) if math.ceil(size / (size / IMAGES)) > IMAGES)
     # Read up to the end of the first image: a little under its share (its part, less the delimiter).
     first_image = size // IMAGES - 40
-    with engine.admitted(None) as full:
-        engine.hold(full, PER_REQUEST, PER_REQUEST * first_image)  # half the slots
-        with engine.admitted(None):
-            # Six free, then five for a body of seven images: refused at its first.
-            with engine.admitted(None), pytest.raises(Overloaded), engine.admitted(size) as late:
-                engine.hold(late, 1, first_image)
-            with engine.admitted(size) as next_one:  # seven free
-                assert len(next_one.slots) == IMAGES
+
+    async def scenario() -> None:
+        async with admitted(engine) as full:
+            engine.hold(full, PER_REQUEST, PER_REQUEST * first_image)  # half the slots
+            async with admitted(engine):
+                # Six free, then five for a body of seven images: refused at its first.
+                async with admitted(engine):
+                    with pytest.raises(Overloaded):
+                        async with admitted(engine, size) as late:
+                            engine.hold(late, 1, first_image)
+                async with admitted(engine, size) as next_one:  # seven free
+                    assert len(next_one.slots) == IMAGES
+
+    asyncio.run(scenario())
 
 
 def test_the_queue_bound_is_one_over_every_front_end_however_the_connections_split(two_front_ends):
     """The kernel may hand most connections to one front-end: it admits past an even share while
     the other holds little, and the images held by both together stay within the bound."""
     busy, quiet = two_front_ends
-    with busy.admitted(None) as first, busy.admitted(None) as second:
-        busy.hold(first, PER_REQUEST, 1000)
-        busy.hold(second, 4, 1000)  # 12 of 16 on one front-end
-        with quiet.admitted(None) as few:
-            quiet.hold(few, 4, 1000)
-            for front_end in (quiet, busy):
-                refused = pytest.raises(Overloaded, match=f"{SLOTS} images admitted over every front-end")
-                with refused, front_end.admitted(None):
-                    pytest.fail("admitted past the bound")
-    with quiet.admitted(None) as whole:
-        quiet.hold(whole, PER_REQUEST, 1000)
-        assert len(whole.slots) == PER_REQUEST
+
+    async def scenario() -> None:
+        async with admitted(busy) as first, admitted(busy) as second:
+            busy.hold(first, PER_REQUEST, 1000)
+            busy.hold(second, 4, 1000)  # 12 of 16 on one front-end
+            async with admitted(quiet) as few:
+                quiet.hold(few, 4, 1000)
+                for front_end in (quiet, busy):
+                    with pytest.raises(Overloaded, match=f"{SLOTS} images admitted over every front-end"):
+                        async with admitted(front_end):
+                            pytest.fail("admitted past the bound")
+        async with admitted(quiet) as whole:
+            quiet.hold(whole, PER_REQUEST, 1000)
+            assert len(whole.slots) == PER_REQUEST
+
+    asyncio.run(scenario())

@@ -77,8 +77,8 @@ class FakeEngine:
 
         async def request() -> np.ndarray:
             row = np.full(self.ring.layout.tensor_shape, value, np.float32)
-            with self.client.admitted() as admission:
-                answer = await self.client.run(admission, [row], deadline=time.monotonic() + 30, gone=gone)
+            async with self.client.admitted(None, time.monotonic() + 30) as admission:
+                answer = await self.client.run(admission, [row], gone=gone)
             return answer.rows[0]["logits"]
 
         return asyncio.create_task(request())
@@ -176,8 +176,8 @@ def test_a_request_cancelled_while_its_image_decodes_holds_the_slot_until_the_de
 
     async def scenario(engine: socket.socket) -> None:
         async def request() -> None:
-            with fake.client.admitted() as admission:
-                await fake.client.run(admission, [Upload("a.jpg", b"jpeg")], deadline=time.monotonic() + 30)
+            async with fake.client.admitted(None, time.monotonic() + 30) as admission:
+                await fake.client.run(admission, [Upload("a.jpg", b"jpeg")])
 
         running = asyncio.create_task(request())
         assert await asyncio.to_thread(writing.wait, 10)
