@@ -116,6 +116,12 @@ CASES = [
         "bad_request",
     ),
     Hostile(
+        "a 4 MB request header",
+        lambda: _raw_headers("X-Pad: " + "a" * 4_000_000 + "\r\n"),
+        431,
+        "headers_too_large",
+    ),
+    Hostile(
         "two Transfer-Encodings",
         lambda: _raw_headers("Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", b"0\r\n\r\n"),
         400,

@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol, with three changes.
+"""uvicorn's httptools protocol, with four changes.
 
 - Each request's scope carries a future that its connection's end resolves (`connection_closed`):
   a route that waits on the engine learns that its client left from a callback, where ASGI
@@ -9,6 +9,9 @@
   400, this one is `{"error": ..., "error_type": "bad_request"}` like every other error.
 - A response's head and body leave in one write. uvicorn writes them as they come, two sends
   and two TCP segments per response; here the head waits for the rest of the same loop turn.
+- A request's line and headers are bounded (`VIT_MAX_HEADER_BYTES`): past it, a JSON 431 and the
+  connection closes. httptools sets no bound, and uvicorn's own (h11's) does not apply to it, so
+  one connection sending an endless header grew a front-end by the megabyte it sent.
 """
 
 from __future__ import annotations
@@ -56,16 +59,46 @@ def connection_closed(scope: Scope) -> asyncio.Future[None] | None:
 
 
 class HttpProtocol(HttpToolsProtocol):
+    max_head_bytes = 32768  # the request line and headers together
+
+    @classmethod
+    def bounded(cls, max_head_bytes: int) -> type[HttpProtocol]:
+        """This protocol with heads bounded at `max_head_bytes` (uvicorn takes a class)."""
+        return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes})
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._closed: asyncio.Future[None] = self.loop.create_future()
+        self._head_bytes: int | None = None  # of a head still being read; None outside one
+        self._between_messages = True
+
+    def data_received(self, data: bytes) -> None:
+        # A chunk that starts in a head, or where one starts, and leaves it incomplete is all head. One
+        # that starts in a body and leaves the next request's head incomplete (pipelining) is not
+        # counted: the bound then holds from the next chunk, a read later.
+        starts_in_head = self._head_bytes is not None or self._between_messages
+        super().data_received(data)
+        if starts_in_head and self._head_bytes is not None and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(
+                    b"431 Request Header Fields Too Large",
+                    "headers_too_large",
+                    f"the request line and headers exceed {self.max_head_bytes} bytes",
+                )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_bytes, self._between_messages = 0, False
         self.scope[_CLOSED] = self._closed  # type: ignore[literal-required]
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._between_messages = True
         # A large body pauses reading until the app asks for more; once the body is all in, reading
         # resumes, so that a client who leaves while its request waits is seen leaving.
         self.flow.resume_reading()
@@ -76,8 +109,12 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps({"error": f"malformed HTTP request: {msg}", "error_type": "bad_request"}).encode()
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        self._refuse(b"400 Bad Request", "bad_request", f"malformed HTTP request: {msg}")
+
+    def _refuse(self, status: bytes, error_type: str, message: str) -> None:
+        """Answer a request the app never sees, in the app's error shape, and close."""
+        body = json.dumps({"error": message, "error_type": error_type}).encode()
+        head = [b"HTTP/1.1 " + status + b"\r\n"]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [

@@ -1,6 +1,8 @@
 """Malformed and slow HTTP on raw sockets: the server answers what it can and keeps serving others."""
 
+import contextlib
 import json
+import re
 import socket
 import time
 
@@ -108,6 +110,43 @@ def test_a_body_that_stops_early_is_dropped_cleanly(target, samples):
         reply = raw.recv(65536)
     assert reply == b"" or b" 400 " in reply.split(b"\r\n", 1)[0]
     assert _healthy_quickly(target, samples) < 2.0
+
+
+def test_an_endless_header_is_refused_with_431_not_buffered(target, samples):
+    """httptools sets no bound on a request's head: the server's own (VIT_MAX_HEADER_BYTES) answers
+    long before the megabytes a client may send, and the connection closes."""
+    with socket.create_connection(("127.0.0.1", _port(target))) as raw:
+        raw.settimeout(10)
+        raw.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):  # refused while it sends: as it should be
+            for _ in range(64):
+                raw.sendall(b"a" * 65536)
+        head, body = _until_closed(raw).split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 431 "), head
+    assert json.loads(body)["error_type"] == "headers_too_large"
+    assert _healthy_quickly(target, samples) < 2.0
+
+
+def test_heads_within_the_bound_and_pipelined_requests_after_large_bodies_are_served(target, photo_1024):
+    """Nothing honest is refused: 20 KB of headers, and a request sent right behind another's body
+    whose last read, larger than the bound, also brings the start of its head (pipelining)."""
+    with target.client() as client:
+        headers = {f"X-Trace-{i}": "t" * 200 for i in range(100)}
+        assert client.get("/readyz", headers=headers).status_code == 200
+    tail = Settings().max_header_bytes + 8192
+    assert len(photo_1024) > tail
+    upload = (
+        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(photo_1024)}\r\n\r\n"
+    ).encode() + photo_1024
+    with socket.create_connection(("127.0.0.1", _port(target))) as raw:
+        raw.settimeout(10)
+        raw.sendall(upload[:-tail])
+        time.sleep(0.3)  # each write arrives as a read of its own
+        raw.sendall(upload[-tail:] + b"GET /readyz HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)
+        raw.sendall(b"Connection: close\r\n\r\n")
+        replies = _until_closed(raw)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", replies) == [b"200", b"200"]
 
 
 @pytest.mark.parametrize(
