@@ -8,12 +8,15 @@ ordinary classification's).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image
 
 from bench.cpu import process_tree_cpu_seconds
 from bench.load import multipart_upload
@@ -59,6 +62,16 @@ def _empty_file_parts(count: int) -> bytes:
     return _multipart(part * count)
 
 
+def _jpeg_of_many_scans(repeats: int) -> bytes:
+    """A progressive JPEG whose last scan comes `repeats` times over: each would be decoded over
+    the whole image, which is what a file crafted to the format's 2,000-odd scans costs."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (90, 120, 150)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda") : -2]  # up to the end-of-image marker
+    return _request("/classify", data[:-2] + last_scan * repeats + data[-2:], "image/jpeg")
+
+
 def _raw_headers(lines: str, body: bytes = b"") -> bytes:
     return f"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n{lines}\r\n".encode() + body
 
@@ -97,6 +110,7 @@ CASES = [
         400,
         "bad_request",
     ),
+    Hostile("a JPEG of 10,000 scans", lambda: _jpeg_of_many_scans(10_000), 413, "image_too_large"),
     Hostile(
         "a boundary that never closes",
         lambda: _multipart(_fields(1, "file", "a.png") + b"\x89PNG" * 250_000, close=False),

@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.cores import available_cores
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+# Encoders write 1 scan (baseline) to about 20 (progressive, optimised); the format allows over
+# 2,000, and libjpeg-turbo decodes each over the whole image, at any DCT scale.
+MAX_JPEG_SCANS = 100
 
 
 class Settings(BaseSettings):
@@ -54,6 +57,7 @@ class Settings(BaseSettings):
     # Input limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit, enforced while reading: 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height from the image header: 413")
+    max_jpeg_scans: int = Field(MAX_JPEG_SCANS, ge=1, description="scans in one JPEG, counted before decoding: 413")
     max_images_per_request: int = Field(32, ge=1, description="images in one request: 413")
     max_form_fields: int = Field(16, ge=0, description="multipart parts other than `file` in one request: 413")
     max_part_header_bytes: int = Field(16384, ge=256, description="one multipart part's header block: 400")

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
+from service.settings import MAX_JPEG_SCANS
 
 # Pillow format name -> the leading bytes that identify it.
 SIGNATURES: dict[str, tuple[bytes, ...]] = {
@@ -111,9 +112,10 @@ def draft_factor(width: int, height: int, target: int) -> int:
 class Decoder:
     """Decode, orient, convert and resize one upload into a uint8 (H, W, C) buffer."""
 
-    def __init__(self, preprocessing: Preprocessing, max_pixels: int) -> None:
+    def __init__(self, preprocessing: Preprocessing, max_pixels: int, max_jpeg_scans: int = MAX_JPEG_SCANS) -> None:
         self.prep = preprocessing
         self.max_pixels = max_pixels
+        self.max_jpeg_scans = max_jpeg_scans
         self.resample = _RESAMPLE[preprocessing.interpolation]
         self.shape = (preprocessing.image_size, preprocessing.image_size, preprocessing.channels)
 
@@ -127,6 +129,8 @@ class Decoder:
         fmt = sniff_format(data)
         if fmt is None:
             raise UnsupportedImageFormat(f"not a supported image format (supported: {SUPPORTED_FORMATS})")
+        if fmt == "JPEG":
+            self._check_scans(data)
         decoded = self._jpeg(data) if fmt == "JPEG" else None
         if decoded is not None:
             height, width = decoded.shape[:2]
@@ -190,6 +194,15 @@ class Decoder:
             image.close()
             # Pillow reports truncated or inconsistent data with any of these.
             raise CorruptImage(f"image data is corrupt or truncated: {exc}") from exc
+
+    def _check_scans(self, data: bytes) -> None:
+        # Each scan starts at an SOS marker, and in entropy-coded data 0xFF is always followed by 0x00
+        # or a restart marker, so this counts the scans (plus any in an embedded thumbnail).
+        scans = data.count(b"\xff\xda")
+        if scans > self.max_jpeg_scans:
+            raise ImageTooLarge(
+                f"JPEG has {scans} scans; the limit is {self.max_jpeg_scans} (each is decoded over the whole image)"
+            )
 
     def _check_size(self, width: int, height: int) -> None:
         if width <= 0 or height <= 0:

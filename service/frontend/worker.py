@@ -75,7 +75,7 @@ def main() -> int:
         boot.partition,
         boot.engine_address,
         settings,
-        Decoder(manifest.preprocessing, settings.max_image_pixels),
+        Decoder(manifest.preprocessing, settings.max_image_pixels, settings.max_jpeg_scans),
         lifecycle,
         metrics,
     )

@@ -114,6 +114,18 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
         Decoder(GREY, max_pixels=100).decode(encode(_gradient(20, 20), "PNG"))
 
 
+def test_jpeg_scans_are_counted_before_decoding():
+    """A progressive JPEG is decoded once per scan over the whole image, at any DCT scale: the limit
+    holds before any of them runs, and the one- and ten-scan files encoders write pass it."""
+    image = _gradient(64, 48)
+    baseline, progressive = encode(image, "JPEG"), encode(image, "JPEG", progressive=True)
+    assert (baseline.count(b"\xff\xda"), progressive.count(b"\xff\xda")) == (1, 10)
+    assert Decoder(RGB, max_pixels=10**8).decode(progressive).shape == (32, 32, 3)
+    assert Decoder(RGB, max_pixels=10**8, max_jpeg_scans=1).decode(baseline).shape == (32, 32, 3)
+    with pytest.raises(ImageTooLarge, match="10 scans; the limit is 9"):
+        Decoder(RGB, max_pixels=10**8, max_jpeg_scans=9).decode(progressive)
+
+
 @pytest.mark.parametrize(
     ("data", "error"),
     [
