@@ -72,6 +72,13 @@ def _jpeg_of_many_scans(repeats: int) -> bytes:
     return _request("/classify", data[:-2] + last_scan * repeats + data[-2:], "image/jpeg")
 
 
+def _flat_webp(width: int, height: int) -> bytes:
+    """A lossless WebP of one colour: a few hundred bytes for millions of pixels to decode."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buffer, "WEBP", lossless=True)
+    return _request("/classify", buffer.getvalue(), "image/webp")
+
+
 def _raw_headers(lines: str, body: bytes = b"") -> bytes:
     return f"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n{lines}\r\n".encode() + body
 
@@ -111,6 +118,7 @@ CASES = [
         "bad_request",
     ),
     Hostile("a JPEG of 10,000 scans", lambda: _jpeg_of_many_scans(10_000), 413, "image_too_large"),
+    Hostile("a flat 12 MP WebP", lambda: _flat_webp(4000, 3000), 413, "image_too_large"),
     Hostile(
         "a boundary that never closes",
         lambda: _multipart(_fields(1, "file", "a.png") + b"\x89PNG" * 250_000, close=False),

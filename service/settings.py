@@ -14,6 +14,9 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 # Encoders write 1 scan (baseline) to about 20 (progressive, optimised); the format allows over
 # 2,000, and libjpeg-turbo decodes each over the whole image, at any DCT scale.
 MAX_JPEG_SCANS = 100
+# Photos store 0.5 to 6 pixels a byte, synthetic graphics a few hundred; a flat 40 MP WebP stores
+# 40,000 in a 1 KB file that takes 0.6 s to decode.
+MAX_PIXELS_PER_BYTE = 1000
 
 
 class Settings(BaseSettings):
@@ -58,6 +61,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="request body limit, enforced while reading: 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height from the image header: 413")
     max_jpeg_scans: int = Field(MAX_JPEG_SCANS, ge=1, description="scans in one JPEG, counted before decoding: 413")
+    max_pixels_per_byte: int = Field(
+        MAX_PIXELS_PER_BYTE, ge=1, description="an image's pixels per byte of its file, past its first megapixel: 413"
+    )
     max_images_per_request: int = Field(32, ge=1, description="images in one request: 413")
     max_form_fields: int = Field(16, ge=0, description="multipart parts other than `file` in one request: 413")
     max_part_header_bytes: int = Field(16384, ge=256, description="one multipart part's header block: 400")

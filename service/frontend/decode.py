@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
@@ -20,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
-from service.settings import MAX_JPEG_SCANS
+from service.settings import MAX_JPEG_SCANS, MAX_PIXELS_PER_BYTE
 
 # Pillow format name -> the leading bytes that identify it.
 SIGNATURES: dict[str, tuple[bytes, ...]] = {
@@ -39,6 +40,12 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# Pixels any image may have whatever its file's size: past them, max_pixels_per_byte applies.
+FREE_PIXELS = 1_000_000
+# Start-of-frame markers (0xC4, 0xC8 and 0xCC share the range but are not frames), and those of
+# the progressive processes, whose every scan libjpeg-turbo decodes over the whole image.
+_START_OF_FRAME = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # libjpeg-turbo colour spaces it can convert to RGB or greyscale itself.
 _TURBO_COLOURS = {"Gray", "YCbCr", "RGB"}
 # EXIF orientation -> the numpy operation that makes the image upright (Pillow's exif_transpose).
@@ -67,22 +74,29 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def jpeg_orientation(data: bytes) -> int:
-    """The EXIF orientation (1-8) in a JPEG's APP1 segment; 1 when absent or unreadable.
+class JpegHeader(NamedTuple):
+    orientation: int  # EXIF orientation 1-8; 1 when absent or unreadable
+    progressive: bool | None  # None when the markers before the first scan could not all be read
 
-    Walks the markers up to the first scan, each step bounded by the segment lengths, so a
-    hostile file costs at most one pass over its headers."""
+
+def read_jpeg_header(data: bytes) -> JpegHeader:
+    """What the markers before the first scan say: the EXIF orientation of its APP1 segment, and
+    whether the frame is progressive. Each step is bounded by the segment lengths, so a hostile
+    file costs at most one pass over its headers."""
+    orientation, progressive = 1, None
     offset = 2
     while offset + 4 <= len(data) and data[offset] == 0xFF:
         marker = data[offset + 1]
         if marker == 0xDA:  # start of scan: no metadata after this
-            return 1
+            return JpegHeader(orientation, progressive)
         (length,) = struct.unpack_from(">H", data, offset + 2)
         segment = data[offset + 4 : offset + 2 + length]
-        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
-            return _tiff_orientation(segment[6:])
+        if marker in _START_OF_FRAME:
+            progressive = marker in _PROGRESSIVE
+        elif marker == 0xE1 and orientation == 1 and segment.startswith(b"Exif\x00\x00"):
+            orientation = _tiff_orientation(segment[6:])
         offset += 2 + length
-    return 1
+    return JpegHeader(orientation, None)
 
 
 def _tiff_orientation(tiff: bytes) -> int:
@@ -112,10 +126,17 @@ def draft_factor(width: int, height: int, target: int) -> int:
 class Decoder:
     """Decode, orient, convert and resize one upload into a uint8 (H, W, C) buffer."""
 
-    def __init__(self, preprocessing: Preprocessing, max_pixels: int, max_jpeg_scans: int = MAX_JPEG_SCANS) -> None:
+    def __init__(
+        self,
+        preprocessing: Preprocessing,
+        max_pixels: int,
+        max_jpeg_scans: int = MAX_JPEG_SCANS,
+        max_pixels_per_byte: int = MAX_PIXELS_PER_BYTE,
+    ) -> None:
         self.prep = preprocessing
         self.max_pixels = max_pixels
         self.max_jpeg_scans = max_jpeg_scans
+        self.max_pixels_per_byte = max_pixels_per_byte
         self.resample = _RESAMPLE[preprocessing.interpolation]
         self.shape = (preprocessing.image_size, preprocessing.image_size, preprocessing.channels)
 
@@ -129,9 +150,12 @@ class Decoder:
         fmt = sniff_format(data)
         if fmt is None:
             raise UnsupportedImageFormat(f"not a supported image format (supported: {SUPPORTED_FORMATS})")
+        decoded = None
         if fmt == "JPEG":
-            self._check_scans(data)
-        decoded = self._jpeg(data) if fmt == "JPEG" else None
+            header = read_jpeg_header(data)
+            if header.progressive is not False:  # progressive, or a header too odd to say
+                self._check_scans(data)
+            decoded = self._jpeg(data, header.orientation)
         if decoded is not None:
             height, width = decoded.shape[:2]
             scale, crop, box = self._geometry(width, height)
@@ -147,13 +171,13 @@ class Decoder:
         finally:
             image.close()
 
-    def _jpeg(self, data: bytes) -> np.ndarray | None:
+    def _jpeg(self, data: bytes, orientation: int) -> np.ndarray | None:
         """libjpeg-turbo's decode at the draft scale, upright; None for colour spaces it cannot convert."""
         try:
             height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError as exc:
             raise CorruptImage(f"JPEG header is corrupt or truncated: {exc}") from exc
-        self._check_size(width, height)
+        self._check_size(width, height, len(data))
         if colour not in _TURBO_COLOURS:
             return None
         factor = draft_factor(width, height, self.prep.resize_size)
@@ -169,7 +193,6 @@ class Decoder:
             raise CorruptImage(f"image data is corrupt or truncated: {exc}") from exc
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
-        orientation = jpeg_orientation(data)
         return _UPRIGHT[orientation](pixels) if orientation != 1 else pixels
 
     def _pillow(self, data: bytes, fmt: str) -> Image.Image:
@@ -182,7 +205,7 @@ class Decoder:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
             raise CorruptImage(f"{fmt} header is corrupt or truncated") from exc
         try:
-            self._check_size(*image.size)
+            self._check_size(*image.size, len(data))
             if image.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEGs many phones write
                 image.draft(self.prep.color_mode, (self.prep.resize_size, self.prep.resize_size))
             image.load()
@@ -197,18 +220,27 @@ class Decoder:
 
     def _check_scans(self, data: bytes) -> None:
         # Each scan starts at an SOS marker, and in entropy-coded data 0xFF is always followed by 0x00
-        # or a restart marker, so this counts the scans (plus any in an embedded thumbnail).
+        # or a restart marker, so this counts the scans (plus any in an embedded thumbnail). Only a
+        # progressive frame decodes every scan over the whole image: a baseline one with scans over
+        # its components' count decoded no slower, so its files, most uploads, skip the count (1 ns a byte).
         scans = data.count(b"\xff\xda")
         if scans > self.max_jpeg_scans:
             raise ImageTooLarge(
                 f"JPEG has {scans} scans; the limit is {self.max_jpeg_scans} (each is decoded over the whole image)"
             )
 
-    def _check_size(self, width: int, height: int) -> None:
+    def _check_size(self, width: int, height: int, file_bytes: int) -> None:
         if width <= 0 or height <= 0:
             raise CorruptImage(f"image has no pixels ({width}x{height})")
         if width * height > self.max_pixels:
             raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {self.max_pixels}")
+        # Decoding costs by the pixel, so a file far smaller than its pixels would cost far more
+        # than its bytes suggest (a decompression bomb); any image gets its first megapixel free.
+        if width * height > FREE_PIXELS + self.max_pixels_per_byte * file_bytes:
+            raise ImageTooLarge(
+                f"image is {width}x{height} pixels in a {file_bytes}-byte file: more than "
+                f"{self.max_pixels_per_byte} pixels per byte past its first megapixel"
+            )
 
     def _convert(self, image: Image.Image) -> Image.Image:
         target = self.prep.color_mode

@@ -7,7 +7,7 @@ from PIL import Image, ImageOps
 
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
-from service.frontend.decode import Decoder, jpeg_orientation
+from service.frontend.decode import Decoder, read_jpeg_header
 from tests.conftest import encode, png_declaring
 
 GREY = Preprocessing(image_size=28, resize_size=28, interpolation="bilinear", mean=[0.286], std=[0.353], color_mode="L")
@@ -116,14 +116,27 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
 
 def test_jpeg_scans_are_counted_before_decoding():
     """A progressive JPEG is decoded once per scan over the whole image, at any DCT scale: the limit
-    holds before any of them runs, and the one- and ten-scan files encoders write pass it."""
+    holds before any of them runs, and the files encoders write pass it (a baseline one is not
+    counted: its extra scans cost nothing)."""
     image = _gradient(64, 48)
     baseline, progressive = encode(image, "JPEG"), encode(image, "JPEG", progressive=True)
     assert (baseline.count(b"\xff\xda"), progressive.count(b"\xff\xda")) == (1, 10)
+    assert (read_jpeg_header(baseline).progressive, read_jpeg_header(progressive).progressive) == (False, True)
     assert Decoder(RGB, max_pixels=10**8).decode(progressive).shape == (32, 32, 3)
     assert Decoder(RGB, max_pixels=10**8, max_jpeg_scans=1).decode(baseline).shape == (32, 32, 3)
     with pytest.raises(ImageTooLarge, match="10 scans; the limit is 9"):
         Decoder(RGB, max_pixels=10**8, max_jpeg_scans=9).decode(progressive)
+
+
+def test_images_far_smaller_than_their_pixels_are_refused_before_decoding():
+    """A flat 3000x3000 lossless WebP is a few hundred bytes that decode to nine megapixels:
+    refused by its pixels per byte, while the first megapixel of any image is free."""
+    flat = encode(Image.new("L", (3000, 3000), 128), "WEBP", lossless=True)
+    with pytest.raises(ImageTooLarge, match="pixels per byte"):
+        Decoder(GREY, max_pixels=40_000_000).decode(flat)
+    assert Decoder(GREY, max_pixels=40_000_000, max_pixels_per_byte=10**6).decode(flat).shape == (28, 28, 1)
+    one_megapixel = encode(Image.new("L", (1000, 1000)), "WEBP", lossless=True)
+    assert Decoder(GREY, max_pixels=40_000_000).decode(one_megapixel).shape == (28, 28, 1)
 
 
 @pytest.mark.parametrize(
@@ -176,7 +189,7 @@ def test_every_exif_orientation_turns_the_jpeg_like_pillow(orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encode(_gradient(60, 30), "JPEG", exif=exif, quality=95)
-    assert jpeg_orientation(data) == orientation
+    assert read_jpeg_header(data).orientation == orientation
     assert np.array_equal(Decoder(RGB, max_pixels=10**8).decode(data), _pillow_reference(data, RGB))
 
 
