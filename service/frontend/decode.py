@@ -220,9 +220,9 @@ class Decoder:
 
     def _check_scans(self, data: bytes) -> None:
         # Each scan starts at an SOS marker, and in entropy-coded data 0xFF is always followed by 0x00
-        # or a restart marker, so this counts the scans (plus any in an embedded thumbnail). Only a
-        # progressive frame decodes every scan over the whole image: a baseline one with scans over
-        # its components' count decoded no slower, so its files, most uploads, skip the count (1 ns a byte).
+        # or a restart marker, so this counts the scans (plus any in an embedded thumbnail). It costs
+        # about 1 ns a byte, and only progressive frames need it: a baseline JPEG with 50 scans too
+        # many decoded no slower, so baseline files, most uploads, skip it.
         scans = data.count(b"\xff\xda")
         if scans > self.max_jpeg_scans:
             raise ImageTooLarge(

@@ -11,7 +11,7 @@
   and two TCP segments per response; here the head waits for the rest of the same loop turn.
 - A request's line and headers are bounded (`VIT_MAX_HEADER_BYTES`): past it, a JSON 431 and the
   connection closes. httptools sets no bound, and uvicorn's own (h11's) does not apply to it, so
-  one connection sending an endless header grew a front-end by the megabyte it sent.
+  one connection sending an endless header grew a front-end by every megabyte it sent.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ def connection_closed(scope: Scope) -> asyncio.Future[None] | None:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    max_head_bytes = 32768  # the request line and headers together
+    max_head_bytes: int  # the request line and headers together; set by `bounded`
 
     @classmethod
     def bounded(cls, max_head_bytes: int) -> type[HttpProtocol]:
-        """This protocol with heads bounded at `max_head_bytes` (uvicorn takes a class)."""
+        """This protocol with heads bounded at `max_head_bytes` (uvicorn takes a class, not an instance)."""
         return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
