@@ -47,7 +47,7 @@ def measure(model_dir: Path, image: bytes, in_flight: int, max_batch_size: int, 
         supervisor.wait_ready([engine])
         ring = supervisor.ring
         slots = list(ring.layout.image_slot_ids(0))[:in_flight]
-        decoder = Decoder(supervisor.manifest.preprocessing, settings.max_image_pixels)
+        decoder = Decoder.from_settings(supervisor.manifest.preprocessing, settings)
         for slot in slots:
             decoder.decode_into(image, ring.pixels[slot])
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

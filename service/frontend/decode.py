@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
-from service.settings import MAX_JPEG_SCANS, MAX_PIXELS_PER_BYTE
+from service.settings import MAX_JPEG_SCANS, MAX_PIXELS_PER_BYTE, Settings
 
 # Pillow format name -> the leading bytes that identify it.
 SIGNATURES: dict[str, tuple[bytes, ...]] = {
@@ -139,6 +139,11 @@ class Decoder:
         self.max_pixels_per_byte = max_pixels_per_byte
         self.resample = _RESAMPLE[preprocessing.interpolation]
         self.shape = (preprocessing.image_size, preprocessing.image_size, preprocessing.channels)
+
+    @classmethod
+    def from_settings(cls, preprocessing: Preprocessing, settings: Settings) -> Decoder:
+        """The decoder under the limits these settings give uploads."""
+        return cls(preprocessing, settings.max_image_pixels, settings.max_jpeg_scans, settings.max_pixels_per_byte)
 
     def decode(self, data: bytes) -> np.ndarray:
         pixels = np.empty(self.shape, dtype=np.uint8)

@@ -75,9 +75,7 @@ def main() -> int:
         boot.partition,
         boot.engine_address,
         settings,
-        Decoder(
-            manifest.preprocessing, settings.max_image_pixels, settings.max_jpeg_scans, settings.max_pixels_per_byte
-        ),
+        Decoder.from_settings(manifest.preprocessing, settings),
         lifecycle,
         metrics,
     )
