@@ -7,7 +7,7 @@ from PIL import Image, ImageOps
 
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
-from service.frontend.decode import Decoder, read_jpeg_header
+from service.frontend.decode import QUICK_BYTES, QUICK_PIXELS, Decoder, read_jpeg_header
 from tests.conftest import encode, png_declaring
 
 GREY = Preprocessing(image_size=28, resize_size=28, interpolation="bilinear", mean=[0.286], std=[0.353], color_mode="L")
@@ -126,6 +126,22 @@ def test_jpeg_scans_are_counted_before_decoding():
     assert Decoder(RGB, max_pixels=10**8, max_jpeg_scans=1).decode(baseline).shape == (32, 32, 3)
     with pytest.raises(ImageTooLarge, match="10 scans; the limit is 9"):
         Decoder(RGB, max_pixels=10**8, max_jpeg_scans=9).decode(progressive)
+
+
+def test_only_small_baseline_jpegs_are_quick_to_decode():
+    """What a front-end may decode on its event loop: work bounded by the file and its header."""
+    decoder = Decoder(GREY, max_pixels=10**8)
+    small = _gradient(248, 248)
+    assert decoder.is_quick(encode(small, "JPEG"))
+    assert not decoder.is_quick(encode(small, "JPEG", progressive=True))  # a scan costs the whole image
+    assert not decoder.is_quick(encode(small, "PNG"))
+    side = int(QUICK_PIXELS**0.5) + 1
+    many_pixels = encode(Image.new("L", (side, side), 128), "JPEG")
+    assert len(many_pixels) < QUICK_BYTES and not decoder.is_quick(many_pixels)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8))
+    many_bytes = encode(noise, "JPEG", quality=95)
+    assert len(many_bytes) > QUICK_BYTES and not decoder.is_quick(many_bytes)
+    assert not decoder.is_quick(b"\xff\xd8\xff\xe0" + b"\x00" * 40)  # a header it cannot read
 
 
 def test_images_far_smaller_than_their_pixels_are_refused_before_decoding():

@@ -13,6 +13,7 @@ from typing import Self
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from model_export.manifest import Manifest
 from service.errors import ClientDisconnected
@@ -35,6 +36,7 @@ from service.shm_ring import (
     parse_submit,
     welcome,
 )
+from tests.conftest import encode
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +192,41 @@ def test_a_request_cancelled_while_its_image_decodes_holds_the_slot_until_the_de
         assert fake.ring.admitted[0] == 0
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.get_running_loop().sock_recv(engine, MAX_MESSAGE), 0.2)
+
+    serve(fake, scenario)
+
+
+def test_a_lone_request_decodes_its_small_jpeg_on_the_event_loop_and_one_in_company_on_a_thread(manifest):
+    """With nothing else in the front-end, the loop has nobody to hold up, and waking a decode
+    thread and then the loop costs more than the decode; with company it must stay free."""
+    fake = FakeEngine(manifest, tensor_slots=0)
+    decoded_on: list[int] = []
+
+    class Recording(Decoder):
+        def decode_into(self, data: bytes, out: np.ndarray) -> None:
+            decoded_on.append(threading.get_ident())
+            super().decode_into(data, out)
+
+    fake.client.decoder = Recording(manifest.preprocessing, fake.settings.max_image_pixels)
+    jpeg = encode(Image.fromarray(np.full((64, 48), 200, np.uint8)), "JPEG")
+
+    async def scenario(engine: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def classify_once() -> None:
+            async def request() -> None:
+                async with fake.client.admitted(None, time.monotonic() + 30) as admission:
+                    await fake.client.run(admission, [Upload("a.jpg", jpeg)])
+
+            running = asyncio.create_task(request())
+            _, [(slot, _)] = parse_submit(await asyncio.wait_for(loop.sock_recv(engine, MAX_MESSAGE), 10))
+            await loop.sock_sendall(engine, done([Done(slot, Status.OK, 1, 0.0, 0.001)]))
+            await running
+
+        await classify_once()
+        with fake.client.lifecycle.track():  # another request, reading its body meanwhile
+            await classify_once()
+        assert decoded_on == [threading.get_ident(), decoded_on[1]] and decoded_on[1] != threading.get_ident()
 
     serve(fake, scenario)
 
