@@ -2,8 +2,8 @@
 
 Every parser gets a `BodyLimits` and stops as soon as a body crosses one, so the work a hostile
 body can cause is bounded by the limits, not by its size. JSON is checked before it is parsed
-with two C-speed passes (values counted by commas, nesting depth by brackets), so a deep or
-huge document is refused without building it.
+with two C-speed passes (values counted by commas as the body arrives, nesting depth by
+brackets), so a deep or huge document is refused without building it, or reading all of it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ class BodyLimits:
         if count > self.max_images:
             raise TooManyImages(f"{count} images in one request; the limit is {self.max_images}")
 
+    def check_json_values(self, commas: int, what: str) -> None:
+        # Every value but the last in each array or object is followed by a comma: a bound on the
+        # values, counted at C speed without parsing (commas in strings only make it stricter).
+        if commas >= self.max_json_values:
+            raise PayloadTooLarge(f"{what} holds more than {self.max_json_values} JSON values")
+
 
 def declared_length(request: Request) -> int | None:
     """The body's Content-Length, if it has a plain one."""
@@ -83,10 +89,20 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join([chunk async for chunk in stream(request, max_bytes)])
 
 
+async def read_json_body(request: Request, limits: BodyLimits, what: str) -> bytes:
+    """A JSON body, refused (413) as soon as the part read so far holds too many values: a huge
+    document costs what arrived before the count ran out, not its whole size."""
+    chunks, commas = [], 0
+    async for chunk in stream(request, limits.max_bytes):
+        commas += chunk.count(b",")
+        limits.check_json_values(commas, what)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def load_json(data: bytes, limits: BodyLimits, what: str) -> object:
     """json.loads with its work bounded first: at most max_json_values values, max_json_depth deep."""
-    if data.count(b",") >= limits.max_json_values:
-        raise PayloadTooLarge(f"{what} holds more than {limits.max_json_values} JSON values")
+    limits.check_json_values(data.count(b","), what)
     brackets = data.translate(None, _NOT_BRACKETS)
     containers = 2 * limits.max_json_values  # each array or object: an opening and a closing bracket
     if brackets:

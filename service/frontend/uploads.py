@@ -15,7 +15,15 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
 from service.errors import BadRequest, NoImage, PayloadTooLarge, UnsupportedMediaType
-from service.frontend.body import BodyLimits, decode_base64, last_line_of_defence, load_json, read_body, stream
+from service.frontend.body import (
+    BodyLimits,
+    decode_base64,
+    last_line_of_defence,
+    load_json,
+    read_body,
+    read_json_body,
+    stream,
+)
 from service.frontend.multipart import MultipartReader
 
 FILE_FIELD = "file"
@@ -96,7 +104,7 @@ async def read_uploads(request: Request, limits: BodyLimits, on_image: OnImage) 
         if media == "multipart/form-data":
             uploads = await _read_multipart(request, params, limits, on_image)
         elif media == "application/json":
-            uploads = _decode_json(await read_body(request, limits.max_bytes), limits)
+            uploads = _decode_json(await read_json_body(request, limits, "the body"), limits)
         elif media.startswith("image/") or media == "application/octet-stream":
             uploads = [Upload("body", await read_body(request, limits.max_bytes))]
         elif not media:

@@ -11,7 +11,7 @@ from model_export.manifest import EMBEDDING_NAME, Manifest
 from service.errors import BadRequest, ModelNotFound
 from service.frontend import params
 from service.frontend.access import check_api_key
-from service.frontend.body import declared_length, read_body
+from service.frontend.body import declared_length, read_body, read_json_body
 from service.frontend.http_protocol import connection_closed
 from service.frontend.oip import (
     EMBEDDING_OUTPUT,
@@ -92,10 +92,16 @@ async def infer(name: str, request: Request) -> Response:
     deadline = params.deadline(request, frontend.settings)
     height, width, channels = engine.ring.layout.pixel_shape
     async with engine.admitted(declared_length(request), deadline) as admission:
-        body = await read_body(request, limits.max_bytes)
+        json_length = request.headers.get(HEADER_LENGTH)
+        # With the binary extension only the JSON header's commas count, once the body is whole.
+        body = await (
+            read_body(request, limits.max_bytes)
+            if json_length is not None
+            else read_json_body(request, limits, "the inference request")
+        )
         if not body:
             raise BadRequest("empty inference request")
-        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), limits, (channels, height, width))
+        parsed = parse_infer_request(body, json_length, limits, (channels, height, width))
         inputs = (
             list(parsed.tensor)
             if parsed.tensor is not None
