@@ -21,9 +21,9 @@ from PIL import Image
 from bench.cpu import process_tree_cpu_seconds
 from bench.load import multipart_upload
 from bench.server import run_server
+from model_export.manifest import Manifest
 
 BOUNDARY = "hostile"
-MODEL = "fashion-mnist-vit"
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def _fields(count: int, name: str = "field", filename: str | None = None) -> byt
     return f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\nx\r\n".encode() * count
 
 
-def _oip(inputs: list[dict[str, object]]) -> bytes:
-    return _json(f"/v2/models/{MODEL}/infer", json.dumps({"inputs": inputs}).encode())
+def _oip(model: str, inputs: list[dict[str, object]]) -> bytes:
+    return _json(f"/v2/models/{model}/infer", json.dumps({"inputs": inputs}).encode())
 
 
 def _empty_file_parts(count: int) -> bytes:
@@ -83,98 +83,113 @@ def _raw_headers(lines: str, body: bytes = b"") -> bytes:
     return f"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n{lines}\r\n".encode() + body
 
 
-CASES = [
-    Hostile("nested JSON, /classify", lambda: _json("/classify", b"[" * 50_000 + b"]" * 50_000), 400, "bad_request"),
-    Hostile(
-        "nested JSON, /v2 infer",
-        lambda: _json(f"/v2/models/{MODEL}/infer", b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
-        400,
-        "bad_request",
-    ),
-    Hostile(
-        "2M empty strings, /classify",
-        lambda: _json("/classify", b'{"images": [' + b'"",' * 2_000_000 + b'""]}'),
-        413,
-        "payload_too_large",
-    ),
-    Hostile(
-        "2M empty strings, /v2 infer",
-        lambda: _json(
-            f"/v2/models/{MODEL}/infer",
-            b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ['
-            + b'"",' * 2_000_000
-            + b'""]}]}',
+def cases(manifest: Manifest) -> list[Hostile]:
+    """Every case, for the model the server runs: the OIP ones name it and use its input's shape."""
+    model, prep = manifest.name, manifest.preprocessing
+    row = [prep.channels, prep.image_size, prep.image_size]
+    values = prep.channels * prep.image_size**2
+    return [
+        Hostile(
+            "nested JSON, /classify", lambda: _json("/classify", b"[" * 50_000 + b"]" * 50_000), 400, "bad_request"
         ),
-        413,
-        "payload_too_large",
-    ),
-    Hostile("100k multipart fields", lambda: _multipart(_fields(100_000)), 413, "payload_too_large"),
-    Hostile("300k multipart fields", lambda: _multipart(_fields(300_000)), 413, "payload_too_large"),
-    Hostile("100k empty file parts", lambda: _empty_file_parts(100_000), 413, "too_many_images"),
-    Hostile(
-        "1 MB part header",
-        lambda: _multipart(_fields(1, "file").replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"a" * 1_000_000 + b"\r\n\r\n")),
-        400,
-        "bad_request",
-    ),
-    Hostile("a JPEG of 10,000 scans", lambda: _jpeg_of_many_scans(10_000), 413, "image_too_large"),
-    Hostile("a flat 12 MP WebP", lambda: _flat_webp(4000, 3000), 413, "image_too_large"),
-    Hostile(
-        "a boundary that never closes",
-        lambda: _multipart(_fields(1, "file", "a.png") + b"\x89PNG" * 250_000, close=False),
-        400,
-        "bad_request",
-    ),
-    Hostile(
-        "two different Content-Lengths",
-        lambda: _raw_headers("Content-Length: 4\r\nContent-Length: 5\r\n", b"abcde"),
-        400,
-        "bad_request",
-    ),
-    Hostile(
-        "Content-Length and Transfer-Encoding",
-        lambda: _raw_headers("Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
-        400,
-        "bad_request",
-    ),
-    Hostile(
-        "a 4 MB request header",
-        lambda: _raw_headers("X-Pad: " + "a" * 4_000_000 + "\r\n"),
-        431,
-        "headers_too_large",
-    ),
-    Hostile(
-        "two Transfer-Encodings",
-        lambda: _raw_headers("Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", b"0\r\n\r\n"),
-        400,
-        "bad_request",
-    ),
-    Hostile("invalid UTF-8 in JSON", lambda: _json("/classify", b'{"images": ["\xff\xfe\xfa"]}'), 400, "bad_request"),
-    Hostile(
-        "OIP: FP32 data for a BYTES input",
-        lambda: _oip([{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]),
-        400,
-        "bad_request",
-    ),
-    Hostile(
-        "OIP: shape that does not match the data",
-        lambda: _oip([{"name": "pixel_values", "datatype": "FP32", "shape": [2, 1, 28, 28], "data": [0.0] * 784}]),
-        400,
-        "bad_request",
-    ),
-    Hostile(
-        "OIP: a shape with a billion images",
-        lambda: _oip([{"name": "image", "datatype": "BYTES", "shape": [1_000_000_000], "data": []}]),
-        413,
-        "too_many_images",
-    ),
-    Hostile(
-        "OIP: strings in an FP32 tensor",
-        lambda: _oip([{"name": "pixel_values", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [["x"] * 784]}]),
-        400,
-        "bad_request",
-    ),
-]
+        Hostile(
+            "nested JSON, /v2 infer",
+            lambda: _json(f"/v2/models/{model}/infer", b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+            400,
+            "bad_request",
+        ),
+        Hostile(
+            "2M empty strings, /classify",
+            lambda: _json("/classify", b'{"images": [' + b'"",' * 2_000_000 + b'""]}'),
+            413,
+            "payload_too_large",
+        ),
+        Hostile(
+            "2M empty strings, /v2 infer",
+            lambda: _json(
+                f"/v2/models/{model}/infer",
+                b'{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ['
+                + b'"",' * 2_000_000
+                + b'""]}]}',
+            ),
+            413,
+            "payload_too_large",
+        ),
+        Hostile("100k multipart fields", lambda: _multipart(_fields(100_000)), 413, "payload_too_large"),
+        Hostile("300k multipart fields", lambda: _multipart(_fields(300_000)), 413, "payload_too_large"),
+        Hostile("100k empty file parts", lambda: _empty_file_parts(100_000), 413, "too_many_images"),
+        Hostile(
+            "1 MB part header",
+            lambda: _multipart(
+                _fields(1, "file").replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"a" * 1_000_000 + b"\r\n\r\n")
+            ),
+            400,
+            "bad_request",
+        ),
+        Hostile("a JPEG of 10,000 scans", lambda: _jpeg_of_many_scans(10_000), 413, "image_too_large"),
+        Hostile("a flat 12 MP WebP", lambda: _flat_webp(4000, 3000), 413, "image_too_large"),
+        Hostile(
+            "a boundary that never closes",
+            lambda: _multipart(_fields(1, "file", "a.png") + b"\x89PNG" * 250_000, close=False),
+            400,
+            "bad_request",
+        ),
+        Hostile(
+            "two different Content-Lengths",
+            lambda: _raw_headers("Content-Length: 4\r\nContent-Length: 5\r\n", b"abcde"),
+            400,
+            "bad_request",
+        ),
+        Hostile(
+            "Content-Length and Transfer-Encoding",
+            lambda: _raw_headers("Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"),
+            400,
+            "bad_request",
+        ),
+        Hostile(
+            "a 4 MB request header",
+            lambda: _raw_headers("X-Pad: " + "a" * 4_000_000 + "\r\n"),
+            431,
+            "headers_too_large",
+        ),
+        Hostile(
+            "two Transfer-Encodings",
+            lambda: _raw_headers("Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", b"0\r\n\r\n"),
+            400,
+            "bad_request",
+        ),
+        Hostile(
+            "invalid UTF-8 in JSON", lambda: _json("/classify", b'{"images": ["\xff\xfe\xfa"]}'), 400, "bad_request"
+        ),
+        Hostile(
+            "OIP: FP32 data for a BYTES input",
+            lambda: _oip(model, [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]),
+            400,
+            "bad_request",
+        ),
+        Hostile(
+            "OIP: shape that does not match the data",
+            lambda: _oip(
+                model, [{"name": "pixel_values", "datatype": "FP32", "shape": [2, *row], "data": [0.0] * values}]
+            ),
+            400,
+            "bad_request",
+        ),
+        Hostile(
+            "OIP: a shape with a billion images",
+            lambda: _oip(model, [{"name": "image", "datatype": "BYTES", "shape": [1_000_000_000], "data": []}]),
+            413,
+            "too_many_images",
+        ),
+        Hostile(
+            "OIP: strings in an FP32 tensor",
+            lambda: _oip(
+                model, [{"name": "pixel_values", "datatype": "FP32", "shape": [1, *row], "data": [["x"] * values]}]
+            ),
+            400,
+            "bad_request",
+        ),
+    ]
 
 
 def send(url: str, request: bytes, timeout: float = 60.0) -> tuple[int, dict[str, object]]:
@@ -224,7 +239,7 @@ def measure(model_dir: Path, ordinary: bytes, repeats: int) -> tuple[float, list
         if status != 200:
             raise RuntimeError(f"an ordinary classification answered {status}")
         costs = []
-        for case in CASES:
+        for case in cases(Manifest.read(model_dir)):
             request = case.build()
             cpu_ms, status, body = cost(request, repeats)
             costs.append(HostileCost(case.name, status, str(body.get("error_type")), cpu_ms))

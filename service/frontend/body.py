@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
@@ -24,6 +24,8 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# JSON values any body may hold beside its inputs: room for members the routes ignore.
+JSON_SLACK_VALUES = 1024
 # Only the four bracket bytes survive; as int8, openers count +1 and closers -1.
 _OPEN, _CLOSE = 1, 255
 _BRACKETS = bytes(_OPEN if b in b"[{" else _CLOSE if b in b"]}" else 0 for b in range(256))
@@ -49,8 +51,13 @@ class BodyLimits:
             max_part_header_bytes=settings.max_part_header_bytes,
             # {"inputs": [{"data": [N][C][H][W]}]} is the deepest body either protocol accepts.
             max_json_depth=16,
-            max_json_values=settings.max_images_per_request * values_per_image + 1024,
+            max_json_values=settings.max_images_per_request * values_per_image + JSON_SLACK_VALUES,
         )
+
+    def for_encoded_images(self) -> BodyLimits:
+        """These limits for a JSON list of encoded images, whatever the model's input size: each
+        image is one value and at most two commas (a data URL holds one)."""
+        return replace(self, max_json_values=min(self.max_json_values, 2 * self.max_images + JSON_SLACK_VALUES))
 
     def check_images(self, count: int) -> None:
         if count > self.max_images:

@@ -104,7 +104,8 @@ async def read_uploads(request: Request, limits: BodyLimits, on_image: OnImage) 
         if media == "multipart/form-data":
             uploads = await _read_multipart(request, params, limits, on_image)
         elif media == "application/json":
-            uploads = _decode_json(await read_json_body(request, limits, "the body"), limits)
+            json_limits = limits.for_encoded_images()
+            uploads = _decode_json(await read_json_body(request, json_limits, "the body"), json_limits)
         elif media.startswith("image/") or media == "application/octet-stream":
             uploads = [Upload("body", await read_body(request, limits.max_bytes))]
         elif not media:

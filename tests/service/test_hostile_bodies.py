@@ -5,8 +5,10 @@ import threading
 
 import pytest
 
-from bench.hostile import CASES, send
+from bench.hostile import cases, send
 from bench.server import run_server
+from model_export.manifest import Manifest
+from service.settings import DEFAULT_MODEL_DIR
 from tests.service.test_processes import _png_files
 
 
@@ -28,6 +30,9 @@ def busy_server(samples):
         worker.join()
         assert statuses and set(statuses) == {200}, set(statuses)
         assert server.stop() == 0
+
+
+CASES = cases(Manifest.read(DEFAULT_MODEL_DIR))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

@@ -58,6 +58,8 @@ def test_too_many_images(limited, png):
     files = [("file", (f"{i}.png", png, "image/png")) for i in range(5)]
     _expect(limited.post("/classify", files=files), 413, "too_many_images")
     _expect(limited.post("/classify", json={"images": ["AAAA"] * 5}), 413, "too_many_images")
+    # Far more than any request may hold is refused by its size, before it is parsed.
+    _expect(limited.post("/classify", json={"images": [""] * 2000}), 413, "payload_too_large")
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "video/mp4"])

@@ -42,6 +42,20 @@ def test_json_over_the_budget_or_broken_is_refused_before_it_is_built(body, erro
         load_json(body, LIMITS, "it")
 
 
+def test_a_list_of_encoded_images_may_hold_two_commas_an_image_whatever_the_tensor_budget():
+    """The OIP's budget allows a full FP32 request (here 100,000 values); {"images": [...]} needs
+    a value and at most a data URL's comma an image, and gets no more than that and the slack."""
+    tensors = BodyLimits(1 << 24, 4, 2, 1024, 4, max_json_values=100_000)
+    images = tensors.for_encoded_images()
+    data_urls = b'{"images": [' + b", ".join([b'"data:image/jpeg;base64,AAAA"'] * 4) + b"]}"
+    assert len(load_json(data_urls, images, "it")["images"]) == 4
+    empty_strings = b'{"images": [' + b",".join([b'""'] * 2000) + b"]}"
+    assert len(load_json(empty_strings, tensors, "it")["images"]) == 2000
+    with pytest.raises(PayloadTooLarge, match=f"more than {images.max_json_values} JSON values"):
+        load_json(empty_strings, images, "it")
+    assert LIMITS.for_encoded_images().max_json_values == LIMITS.max_json_values  # never looser
+
+
 def test_the_unforeseen_becomes_a_400_logged_with_the_request_id(caplog):
     caplog.handler.addFilter(ContextFilter("frontend-0"))  # as configure_logging does
     token = request_id.set("req-42")
