@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from bench.hostile import send
 from bench.server import run_server
 from service.settings import Settings
 from tests.conftest import metric, wait_for
@@ -112,20 +113,6 @@ def test_a_body_that_stops_early_is_dropped_cleanly(target, samples):
     assert _healthy_quickly(target, samples) < 2.0
 
 
-def _reply(raw: socket.socket) -> tuple[bytes, dict]:
-    """One answer on a connection that stays open: its head and its JSON body."""
-    raw.settimeout(10)
-    reply = b""
-    while b"\r\n\r\n" not in reply:
-        reply += raw.recv(65536)
-    head, body = reply.split(b"\r\n\r\n", 1)
-    length = re.search(rb"content-length: (\d+)", head.lower())
-    assert length, head
-    while len(body) < int(length.group(1)):
-        body += raw.recv(65536)
-    return head, json.loads(body)
-
-
 @pytest.mark.parametrize(
     ("path", "opening"),
     [
@@ -137,13 +124,9 @@ def test_a_json_body_of_too_many_values_is_refused_before_the_rest_arrives(targe
     """Values are counted by commas as the body arrives: a client that declared the whole body
     limit and sent a tenth of it, all empty strings, is answered 413 without sending the rest."""
     declared = Settings().max_body_bytes
-    with socket.create_connection(("127.0.0.1", _port(target))) as raw:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
-        )
-        raw.sendall(head.encode() + opening + b'"",' * (declared // 30))
-        status, body = _reply(raw)
-    assert status.startswith(b"HTTP/1.1 413 ") and body["error_type"] == "payload_too_large", (status, body)
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n"
+    status, body = send(target.url, head.encode() + opening + b'"",' * (declared // 30), timeout=10)
+    assert (status, body["error_type"]) == (413, "payload_too_large"), body
 
 
 def test_an_endless_header_is_refused_with_431_not_buffered(target, samples):
