@@ -17,7 +17,8 @@ from service.boot import settle_heap
 from service.errors import install_error_handlers
 from service.frontend.access import require_api_key
 from service.frontend.body import BodyLimits
-from service.frontend.engine_client import EngineClient, EngineInfo
+from service.frontend.engine_client import EngineClient
+from service.frontend.engine_link import EngineInfo
 from service.frontend.hot_routes import HotRoutes, inference_routes
 from service.frontend.middleware import RequestContextMiddleware
 from service.frontend.routes import classify, demo, embed, health, models, v2

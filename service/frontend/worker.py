@@ -19,7 +19,8 @@ import uvicorn
 from service.boot import read_boot, report
 from service.frontend.app import create_app
 from service.frontend.decode import Decoder
-from service.frontend.engine_client import EngineClient, EngineInfo
+from service.frontend.engine_client import EngineClient
+from service.frontend.engine_link import EngineInfo
 from service.frontend.http_protocol import HttpProtocol
 from service.lifecycle import Lifecycle
 from service.logs import configure_logging

@@ -10,8 +10,9 @@ import pytest
 
 from model_export.manifest import Manifest
 from service.errors import Overloaded
+from service.frontend.admission import Admission
 from service.frontend.decode import Decoder
-from service.frontend.engine_client import Admission, EngineClient
+from service.frontend.engine_client import EngineClient
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
 from service.settings import DEFAULT_MODEL_DIR, Settings

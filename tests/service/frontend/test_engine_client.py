@@ -18,7 +18,8 @@ from PIL import Image
 from model_export.manifest import Manifest
 from service.errors import ClientDisconnected
 from service.frontend.decode import Decoder
-from service.frontend.engine_client import MAX_MESSAGE, EngineClient
+from service.frontend.engine_client import EngineClient
+from service.frontend.engine_link import MAX_MESSAGE
 from service.frontend.uploads import Upload
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
