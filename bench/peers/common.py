@@ -115,9 +115,8 @@ class OnnxClassifier:
         return binding.copy_outputs_to_cpu()[0]
 
     def top_k(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, classes) logits -> class ids (B, k) and softmax scores (B, k): the service's top-k, row by row."""
-        picked = [top_k(row, TOP_K) for row in logits]
-        return np.stack([ids for ids, _ in picked]), np.stack([scores for _, scores in picked])
+        """(B, classes) logits -> class ids (B, k) and softmax scores (B, k): the service's top-k."""
+        return top_k(logits, TOP_K)
 
     def predictions(self, logits: np.ndarray) -> list[list[dict[str, object]]]:
         """Per image, the service's prediction objects: label, class_id, score."""

@@ -42,24 +42,36 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and softmax probabilities of the k largest logits, highest first; ties in index order."""
+    """For each row of (N, classes) logits: the indices and softmax probabilities of its k largest,
+    highest first, ties in index order; both (N, k). A request's images go through in one call: a
+    few numpy calls a request, not a few an image."""
     probabilities = softmax(logits)
-    classes = len(probabilities)
+    classes = probabilities.shape[-1]
     if 8 * k < classes:
-        # A long row: sort only what can be in the top k, the k largest and any tied with the k-th
-        # (a 21,843-class row: 0.12 ms instead of 3 ms). NaN scores match nothing: sort them all.
-        kth = np.partition(probabilities, classes - k)[classes - k]
-        if (above := np.flatnonzero(probabilities >= kth)).size >= k:
-            order = above[np.argsort(-probabilities[above], kind="stable")][:k]
-            return order, probabilities[order]
-    order = np.argsort(-probabilities, kind="stable")[:k]
+        picked = [_top_k_of_long_row(row, k) for row in probabilities]
+        return np.stack([order for order, _ in picked]), np.stack([scores for _, scores in picked])
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probabilities, order, axis=-1)
+
+
+def _top_k_of_long_row(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    # Sort only what can be in the top k, the k largest and any tied with the k-th (a 21,843-class
+    # row: 0.12 ms instead of 3 ms). NaN scores match nothing: sort them all.
+    classes = len(probabilities)
+    kth = np.partition(probabilities, classes - k)[classes - k]
+    if (above := np.flatnonzero(probabilities >= kth)).size >= k:
+        order = above[np.argsort(-probabilities[above], kind="stable")][:k]
+    else:
+        order = np.argsort(-probabilities, kind="stable")[:k]
     return order, probabilities[order]
 
 
-def predictions(rows: dict[str, np.ndarray], labels: list[str], k: int) -> list[Prediction]:
-    indices, scores = top_k(rows[LOGITS_NAME], k)
+def predictions(rows: list[dict[str, np.ndarray]], labels: list[str], k: int) -> list[list[Prediction]]:
+    """Each image's top-k labels, from the request's output rows."""
+    indices, scores = top_k(np.stack([r[LOGITS_NAME] for r in rows]), k)
     return [
-        Prediction(label=labels[i], class_id=i, score=s) for i, s in zip(indices.tolist(), scores.tolist(), strict=True)
+        [Prediction(label=labels[i], class_id=i, score=s) for i, s in zip(ids, row_scores, strict=True)]
+        for ids, row_scores in zip(indices.tolist(), scores.tolist(), strict=True)
     ]
 
 

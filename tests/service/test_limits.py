@@ -82,6 +82,16 @@ def test_corrupt_and_truncated_images_name_the_part(limited, png):
 
 
 @pytest.mark.parametrize(
+    ("bad", "named"),
+    [({1, 3}, "1.png"), ({3}, "3.png"), ({0, 2}, "0.png"), ({2, 3}, "2.png")],
+)
+def test_of_several_bad_images_the_first_in_the_request_is_named(limited, png, bad, named):
+    cut = png[: len(png) // 2]
+    files = [("file", (f"{i}.png", cut if i in bad else png, "image/png")) for i in range(4)]
+    _expect(limited.post("/classify", files=files), 422, "corrupt_image", part=named)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error_type"),
     [
         ({"content": b"", "headers": {"content-type": "image/png"}}, "no_image"),

@@ -54,11 +54,9 @@ async def classify(request: Request) -> Response:
         uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
         answer = await engine.run(admission, uploads, explain=explain, gone=connection_closed(request.scope))
     results = []
-    for index, (upload, rows) in enumerate(zip(uploads, answer.rows, strict=True)):
-        result: dict[str, object] = {
-            "filename": upload.name,
-            "predictions": predictions(rows, manifest.labels, k),
-        }
+    top = predictions(answer.rows, manifest.labels, k)
+    for index, (upload, rows, predicted) in enumerate(zip(uploads, answer.rows, top, strict=True)):
+        result: dict[str, object] = {"filename": upload.name, "predictions": predicted}
         if answer.pixels is not None:
             result["attention"] = vars(attention(rows, answer.pixels[index], manifest.prefix_tokens))
         results.append(result)
