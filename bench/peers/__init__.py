@@ -30,6 +30,12 @@ class Peer:
     top1: Callable[[bytes], list[int]]  # response body -> each image's top-1 class id
     # (workers, max batch size, device) -> how it is configured, in words, for the report
     describe: Callable[[int, int, str], str]
+    # Its batch limit counts requests, not images along a batch dimension: see batch_limit.
+    batches_requests: bool = False
+
+    def batch_limit(self, max_images: int, images_per_request: int) -> int:
+        """Its batch limit, in its own unit, for at most `max_images` images in a forward pass."""
+        return max(1, max_images // images_per_request) if self.batches_requests else max_images
 
 
 @dataclass(frozen=True)

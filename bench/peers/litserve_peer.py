@@ -44,7 +44,9 @@ class ViTAPI(ls.LitAPI):
     def batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return inputs  # requests carry different numbers of images: predict splits the rows back
 
-    def predict(self, requests: list[np.ndarray]) -> list[dict[str, object]]:
+    def predict(self, requests: list[np.ndarray] | np.ndarray) -> list[dict[str, object]] | dict[str, object]:
+        if isinstance(requests, np.ndarray):  # a batch limit of one request: LitServe neither batches nor unbatches
+            return self.model.classify_requests([requests])[0]
         return self.model.classify_requests(requests)
 
     def unbatch(self, outputs: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -62,7 +64,7 @@ def describe(workers: int, max_batch_size: int, device: str) -> str:
     )
 
 
-PEER = Peer("litserve", "litserve", __name__, multipart_request, results_top1, describe)
+PEER = Peer("litserve", "litserve", __name__, multipart_request, results_top1, describe, batches_requests=True)
 
 
 def main(args: ServeArgs) -> None:

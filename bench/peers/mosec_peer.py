@@ -53,7 +53,9 @@ class Infer(Worker):
         super().__init__()
         self.model = classifier_from_variables()
 
-    def forward(self, requests: list[np.ndarray]) -> list[dict[str, object]]:
+    def forward(self, requests: list[np.ndarray] | np.ndarray) -> list[dict[str, object]] | dict[str, object]:
+        if isinstance(requests, np.ndarray):  # a batch limit of one request: mosec hands it over alone
+            return self.model.classify_requests([requests])[0]
         return self.model.classify_requests(requests)
 
 
@@ -65,7 +67,7 @@ def describe(workers: int, max_batch_size: int, device: str) -> str:
     )
 
 
-PEER = Peer("mosec", "mosec", __name__, multipart_request, results_top1, describe)
+PEER = Peer("mosec", "mosec", __name__, multipart_request, results_top1, describe, batches_requests=True)
 
 
 def main(args: ServeArgs) -> None:

@@ -57,7 +57,7 @@ def describe(workers: int, max_batch_size: int, device: str) -> str:
     )
 
 
-PEER = Peer("rayserve", "ray", __name__, multipart_request, results_top1, describe)
+PEER = Peer("rayserve", "ray", __name__, multipart_request, results_top1, describe, batches_requests=True)
 
 
 def main(args: ServeArgs) -> None:

@@ -320,7 +320,9 @@ def run_peers(
 
     @contextmanager
     def peer_up(peer: Peer, log: Path) -> Iterator[Contender]:
-        with run_peer(peer, model_dir, device, workers, max_batch, log) as running:
+        with run_peer(
+            peer, model_dir, device, workers, peer.batch_limit(max_batch, images_per_request), log
+        ) as running:
             wait_ready(running, peer.request(running.url, gate.images[:images_per_request], gate.content_type))
             yield Contender(peer.name, running.url, running.pid, peer.request(running.url, uploads, "image/jpeg"))
 
@@ -336,7 +338,8 @@ def run_peers(
             result.systems.append(System(entry.name, "-", "-", note="not installed here: make bench-peers"))
             continue
         peer = load(entry)
-        system = System(peer.name, _version(peer.distribution), peer.describe(workers, max_batch, device))
+        described = peer.describe(workers, peer.batch_limit(max_batch, images_per_request), device)
+        system = System(peer.name, _version(peer.distribution), described)
         log = logs / f"{peer.name}.log"
         log.write_bytes(b"")
         logger.info("starting %s (log: %s)", peer.name, log)

@@ -67,7 +67,7 @@ def describe(workers: int, max_batch_size: int, device: str) -> str:
     )
 
 
-PEER = Peer("torchserve", "torchserve", __name__, request, results_top1, describe)
+PEER = Peer("torchserve", "torchserve", __name__, request, results_top1, describe, batches_requests=True)
 
 
 def configuration(store: Path, port: int, workers: int, max_batch_size: int) -> str:

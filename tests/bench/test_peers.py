@@ -7,12 +7,13 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 
 import pytest
 
 from bench.load import multipart_upload
-from bench.peers import NAMES, results_top1, torchserve_peer
+from bench.peers import NAMES, Peer, multipart_request, results_top1, torchserve_peer
 from bench.peers.common import ENV_DEVICE, ENV_MODEL, OnnxClassifier, multipart_files
 from bench.peers.report import Gate, Level, PeersResult, System, check_gate, plot
 from bench.peers.run import Contender, Entrant, PeerError, exchange, take_turns
@@ -172,6 +173,13 @@ def test_every_peer_has_a_name_and_the_service_response_parses():
     assert NAMES == ["litserve", "bentoml", "rayserve", "pytriton", "mosec", "torchserve"]
     body = json.dumps({"results": [{"predictions": [{"class_id": 7, "label": "x", "score": 0.9}]}] * 2}).encode()
     assert results_top1(body) == [7, 7]
+
+
+def test_a_framework_that_batches_requests_gets_the_services_images_per_pass_in_whole_requests():
+    by_images = Peer("a", "a", "a", multipart_request, results_top1, lambda *_: "")
+    by_requests = replace(by_images, batches_requests=True)
+    assert [by_images.batch_limit(8, per_request) for per_request in (1, 3, 8, 32)] == [8, 8, 8, 8]
+    assert [by_requests.batch_limit(8, per_request) for per_request in (1, 3, 8, 32)] == [8, 2, 1, 1]
 
 
 def test_multipart_bodies_split_back_into_their_uploads():
