@@ -319,10 +319,8 @@ def run_peers(
                 stop(server.process)  # SIGTERM, then whatever of its tree is left
 
     @contextmanager
-    def peer_up(peer: Peer, log: Path) -> Iterator[Contender]:
-        with run_peer(
-            peer, model_dir, device, workers, peer.batch_limit(max_batch, images_per_request), log
-        ) as running:
+    def peer_up(peer: Peer, batch_limit: int, log: Path) -> Iterator[Contender]:
+        with run_peer(peer, model_dir, device, workers, batch_limit, log) as running:
             wait_ready(running, peer.request(running.url, gate.images[:images_per_request], gate.content_type))
             yield Contender(peer.name, running.url, running.pid, peer.request(running.url, uploads, "image/jpeg"))
 
@@ -338,20 +336,20 @@ def run_peers(
             result.systems.append(System(entry.name, "-", "-", note="not installed here: make bench-peers"))
             continue
         peer = load(entry)
-        described = peer.describe(workers, peer.batch_limit(max_batch, images_per_request), device)
-        system = System(peer.name, _version(peer.distribution), described)
+        batch_limit = peer.batch_limit(max_batch, images_per_request)
+        system = System(peer.name, _version(peer.distribution), peer.describe(workers, batch_limit, device))
         log = logs / f"{peer.name}.log"
         log.write_bytes(b"")
         logger.info("starting %s (log: %s)", peer.name, log)
         try:
-            with peer_up(peer, log) as up:
+            with peer_up(peer, batch_limit, log) as up:
                 checked = check_gate(peer.name, reference, top1_of(up.url, peer, gate, images_per_request))
         except PeerError as exc:
             checked = Gate(peer.name, len(reference), len(reference), error=str(exc))
         logger.info("%s: %s", peer.name, checked.verdict)
         result.systems.append(replace(system, gate=checked))
         if checked.passed:  # a server that answered the gate wrong, or not at all, is never timed
-            entrants.append(Entrant(peer.name, partial(peer_up, peer, log)))
+            entrants.append(Entrant(peer.name, partial(peer_up, peer, batch_limit, log)))
 
     def time_one(contender: Contender, clients: int, round_: int) -> Level | None:
         return measure(contender, images_per_request, clients, seconds, limit.images_per_s, round_)
