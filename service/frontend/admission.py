@@ -114,6 +114,8 @@ class SlotPool:
 
     def _take(self, free: list[int], count: int) -> list[int]:
         """`count` slots from a free stack, or 429 and none."""
+        if not count:
+            return []
         if count > (self._image_room() if free is self._free_images else len(free)):
             self._refuse_full(count, free)
         slots = [free.pop() for _ in range(count)]

@@ -43,8 +43,8 @@ _RESAMPLE = {
 # Pixels any image may have whatever its file's size: past them, max_pixels_per_byte applies.
 FREE_PIXELS = 1_000_000
 # A baseline JPEG within both decodes in a couple of milliseconds at most (photos of 128-512 px
-# timed here: 0.1-0.6 ms for a 28 px greyscale model, 0.6-1.7 for 224 px RGB): short enough for
-# a front-end's event loop when nothing else waits on it (see EngineClient._fill).
+# timed here: 0.1-0.6 ms for a 28 px greyscale model, 0.6-1.7 for 224 px RGB): short enough to
+# run on a front-end's event loop (see EngineClient._fill).
 QUICK_BYTES = 64 * 1024
 QUICK_PIXELS = 512 * 512
 # Start-of-frame markers (0xC4, 0xC8 and 0xCC share the range but are not frames), and those of

@@ -197,37 +197,41 @@ def test_a_request_cancelled_while_its_image_decodes_holds_the_slot_until_the_de
     serve(fake, scenario)
 
 
-def test_a_lone_request_decodes_its_small_jpeg_on_the_event_loop_and_one_in_company_on_a_thread(manifest):
-    """With nothing else in the front-end, the loop has nobody to hold up, and waking a decode
-    thread and then the loop costs more than the decode; with company it must stay free."""
+def test_a_requests_one_small_jpeg_decodes_on_the_event_loop_even_in_company_and_several_on_threads(manifest):
+    """Handing a small decode to a thread costs about what the decode does; a request of several
+    images, or of one that is not quick (progressive), keeps the loop free for the others."""
     fake = FakeEngine(manifest, tensor_slots=0)
-    decoded_on: list[int] = []
+    decoded_on: list[tuple[bytes, int]] = []  # each decode's image and thread
 
     class Recording(Decoder):
         def decode_into(self, data: bytes, out: np.ndarray) -> None:
-            decoded_on.append(threading.get_ident())
+            decoded_on.append((data, threading.get_ident()))
             super().decode_into(data, out)
 
     fake.client.decoder = Recording(manifest.preprocessing, fake.settings.max_image_pixels)
     jpeg = encode(Image.fromarray(np.full((64, 48), 200, np.uint8)), "JPEG")
+    progressive = encode(Image.fromarray(np.full((64, 48), 200, np.uint8)), "JPEG", progressive=True)
 
     async def scenario(engine: socket.socket) -> None:
         loop = asyncio.get_running_loop()
 
-        async def classify_once() -> None:
+        async def threads_used(*images: bytes) -> list[bool]:
             async def request() -> None:
                 async with fake.client.admitted(None, time.monotonic() + 30) as admission:
-                    await fake.client.run(admission, [Upload("a.jpg", jpeg)])
+                    await fake.client.run(admission, [Upload(f"{i}.jpg", data) for i, data in enumerate(images)])
 
+            decoded_on.clear()
             running = asyncio.create_task(request())
-            _, [(slot, _)] = parse_submit(await asyncio.wait_for(loop.sock_recv(engine, MAX_MESSAGE), 10))
-            await loop.sock_sendall(engine, done([Done(slot, Status.OK, 1, 0.0, 0.001)]))
+            _, records = parse_submit(await asyncio.wait_for(loop.sock_recv(engine, MAX_MESSAGE), 10))
+            await loop.sock_sendall(engine, done([Done(slot, Status.OK, 1, 0.0, 0.001) for slot, _ in records]))
             await running
+            return [thread != threading.get_ident() for _, thread in decoded_on]
 
-        await classify_once()
+        assert await threads_used(jpeg) == [False]
         with fake.client.lifecycle.track():  # another request, reading its body meanwhile
-            await classify_once()
-        assert decoded_on == [threading.get_ident(), decoded_on[1]] and decoded_on[1] != threading.get_ident()
+            assert await threads_used(jpeg) == [False]
+        assert await threads_used(progressive) == [True]
+        assert await threads_used(jpeg, jpeg) == [True, True]
 
     serve(fake, scenario)
 
