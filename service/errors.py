@@ -101,6 +101,13 @@ class DeadlineExceeded(ServiceError):
         return {"Connection": "close"} if self.body_unread else {}
 
 
+class BodyTooSlow(DeadlineExceeded):
+    status, error_type = 408, "body_too_slow"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, body_unread=True)
+
+
 class ClientDisconnected(ServiceError):
     # nginx's "client closed request": nobody reads this answer, but logs and metrics do.
     status, error_type = 499, "client_disconnected"

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="default deadline per request, the body's arrival included; beyond it: 504"
     )
+    min_body_rate_bytes_s: float = Field(
+        1024.0, ge=0, description="least average rate a body must keep once its grace has passed; slower: 408; 0: none"
+    )
+    body_rate_grace_s: float = Field(5.0, ge=0, description="how long a body may arrive at any rate")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429 and 503")
 
     # Input limits

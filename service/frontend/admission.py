@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from service.errors import Overloaded
+from service.frontend.body import BodyClock
 from service.metrics import FrontendMetrics
 from service.settings import Settings
 from service.shm_ring import Ring
@@ -28,9 +29,17 @@ class Admission:
     """What an admitted request holds while its body is read: the image slots its size suggests."""
 
     declared_bytes: int | None  # the body's Content-Length, when it has one
-    deadline: float  # time.monotonic()
+    clock: BodyClock  # the request's deadline, and the body's pace while it is read
     slots: list[int]
     reading: bool = True  # until the core call takes the body's inputs
+
+    @property
+    def deadline(self) -> float:
+        return self.clock.deadline
+
+    def body_read(self) -> None:
+        self.reading = False
+        self.clock.stop()
 
 
 class SlotPool:
@@ -45,9 +54,9 @@ class SlotPool:
         self._free_tensors = list(reversed(layout.tensor_slot_ids(partition)))
         self._bytes_per_image: float | None = None  # of the bodies read so far, a moving average
 
-    def reserve(self, declared_bytes: int | None, deadline: float) -> Admission:
+    def reserve(self, declared_bytes: int | None, clock: BodyClock) -> Admission:
         """The slots for the images a body of this size is likely to hold, or 429 and none."""
-        return Admission(declared_bytes, deadline, self._take(self._free_images, self._expected(declared_bytes)))
+        return Admission(declared_bytes, clock, self._take(self._free_images, self._expected(declared_bytes)))
 
     def _expected(self, declared_bytes: int | None) -> int:
         """The images a body of this size holds, judged by the bodies this front-end has read. At

@@ -8,11 +8,13 @@ brackets), so a deep or huge document is refused without building it, or reading
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
@@ -70,14 +72,55 @@ class BodyLimits:
             raise PayloadTooLarge(f"{what} holds more than {self.max_json_values} JSON values")
 
 
+class BodyClock:
+    """The time a body has to arrive: its request's deadline and, once a grace has passed, no more
+    than its bytes so far take at a minimum rate. A stalled or dripping upload gives back the slots
+    admission reserved for it after the grace, not at its deadline. Each chunk moves the one
+    timeout that guards the reading (`timeout`) to the earlier of the two."""
+
+    def __init__(self, deadline: float, min_rate: float, grace_s: float) -> None:
+        """deadline: time.monotonic(); min_rate: bytes a second, 0 for none."""
+        self.deadline = deadline
+        self.min_rate = min_rate
+        self.grace_s = grace_s
+        self._started = time.monotonic()
+        due = self._due(0)
+        self._rate_first = due < deadline  # whether the timeout is set for the rate, not the deadline
+        self.timeout = asyncio.timeout(max(0.0, due - self._started))
+
+    def _due(self, received: int) -> float:
+        if not self.min_rate:
+            return self.deadline
+        return min(self.deadline, self._started + max(self.grace_s, received / self.min_rate))
+
+    def received(self, total: int) -> None:
+        """The body's bytes so far."""
+        if self.min_rate:
+            self._move_to(self._due(total))
+
+    def stop(self) -> None:
+        """The body is in: only the deadline applies from here."""
+        if self.min_rate:
+            self._move_to(self.deadline)
+
+    def rate_ran_out(self) -> bool:
+        """Whether the time that ran out was the rate's, not the deadline's."""
+        return self._rate_first
+
+    def _move_to(self, due: float) -> None:
+        self._rate_first = due < self.deadline
+        loop_now = asyncio.get_running_loop().time()  # the timeout counts in the loop's clock
+        self.timeout.reschedule(loop_now + due - time.monotonic())
+
+
 def declared_length(request: Request) -> int | None:
     """The body's Content-Length, if it has a plain one."""
     declared = request.headers.get("content-length")
     return int(declared) if declared is not None and declared.isdigit() else None
 
 
-async def stream(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
-    """The body's chunks, refused with 413 as soon as it passes max_bytes."""
+async def stream(request: Request, max_bytes: int, clock: BodyClock) -> AsyncIterator[bytes]:
+    """The body's chunks, refused with 413 as soon as it passes max_bytes; `clock` is told of each."""
     declared = declared_length(request)
     if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {max_bytes}")
@@ -87,20 +130,22 @@ async def stream(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
             total += len(chunk)
             if total > max_bytes:  # chunked uploads declare no length: stop as soon as it is exceeded
                 raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            if total != declared:  # a whole body stops the clock next, anyway
+                clock.received(total)
             yield chunk
     except ClientDisconnect:
         raise BadRequest("the client closed the connection before the body was complete") from None
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    return b"".join([chunk async for chunk in stream(request, max_bytes)])
+async def read_body(request: Request, max_bytes: int, clock: BodyClock) -> bytes:
+    return b"".join([chunk async for chunk in stream(request, max_bytes, clock)])
 
 
-async def read_json_body(request: Request, limits: BodyLimits, what: str) -> bytes:
+async def read_json_body(request: Request, limits: BodyLimits, what: str, clock: BodyClock) -> bytes:
     """A JSON body, refused (413) as soon as the part read so far holds too many values: a huge
     document costs what arrived before the count ran out, not its whole size."""
     chunks, commas = [], 0
-    async for chunk in stream(request, limits.max_bytes):
+    async for chunk in stream(request, limits.max_bytes, clock):
         commas += chunk.count(b",")
         limits.check_json_values(commas, what)
         chunks.append(chunk)

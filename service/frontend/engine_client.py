@@ -16,6 +16,7 @@ from functools import partial
 import numpy as np
 
 from service.errors import (
+    BodyTooSlow,
     ClientDisconnected,
     DeadlineExceeded,
     InvalidParameter,
@@ -23,6 +24,7 @@ from service.errors import (
     ServiceError,
 )
 from service.frontend.admission import Admission, SlotPool
+from service.frontend.body import BodyClock
 from service.frontend.decode import Decoder
 from service.frontend.decode_pool import DecodePool
 from service.frontend.engine_link import EngineInfo, EngineLink, Submission
@@ -104,18 +106,25 @@ class EngineClient:
         reading uploads it would refuse, and a burst of large uploads is refused at once.
 
         The deadline covers everything inside, the body's reading too: a client that stalls
-        mid-body holds its reserved slots until then and no longer (504, and its connection
-        closes)."""
+        mid-body holds its reserved slots until then, or until it falls behind the minimum body
+        rate once its grace has passed (408), and no longer; its connection closes."""
         with self.lifecycle.track():
             if not self.connected:
                 raise NotReady(
                     "the engine is not running (it is starting or restarting)", retry_after=self.settings.retry_after_s
                 )
-            admission = self.slots.reserve(declared_bytes, deadline)
+            settings = self.settings
+            clock = BodyClock(deadline, settings.min_body_rate_bytes_s, settings.body_rate_grace_s)
+            admission = self.slots.reserve(declared_bytes, clock)
             try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                async with clock.timeout:
                     yield admission
             except TimeoutError:
+                if admission.reading and clock.rate_ran_out():
+                    self.metrics.rejections.labels(reason="body_too_slow").inc()
+                    raise BodyTooSlow(
+                        f"the body arrived slower than {clock.min_rate:g} bytes/s once {clock.grace_s:g} s had passed"
+                    ) from None
                 self.metrics.rejections.labels(reason="deadline").inc()
                 if admission.reading:
                     raise DeadlineExceeded(
@@ -146,7 +155,7 @@ class EngineClient:
         are already-normalised rows (the OIP FP32 input). Typed errors: the first bad upload
         (naming its part), 429 when more images came than were admitted and there is no room,
         499 when the client left (`gone`: resolved when its connection ends)."""
-        admission.reading = False
+        admission.body_read()
         graph = Graph.EXPLAIN if explain else Graph.PLAIN
         if self.info is not None and not self.info.has(graph):
             raise InvalidParameter(

@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from service.errors import BadRequest, NoImage, PayloadTooLarge, UnsupportedMediaType
 from service.frontend.body import (
+    BodyClock,
     BodyLimits,
     decode_base64,
     last_line_of_defence,
@@ -71,14 +72,14 @@ class _FileParts:
 
 
 async def _read_multipart(
-    request: Request, params: dict[bytes, bytes], limits: BodyLimits, on_image: OnImage
+    request: Request, params: dict[bytes, bytes], limits: BodyLimits, on_image: OnImage, clock: BodyClock
 ) -> list[Upload]:
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadRequest("multipart/form-data without a boundary parameter")
     parts = _FileParts(limits, on_image)
     reader = MultipartReader(boundary, limits.max_part_header_bytes, parts.add)
-    async for chunk in stream(request, limits.max_bytes):
+    async for chunk in stream(request, limits.max_bytes, clock):
         reader.write(chunk)
     reader.close()
     if not parts.uploads:
@@ -95,21 +96,22 @@ def _decode_json(body: bytes, limits: BodyLimits) -> list[Upload]:
     return [Upload(f"images[{i}]", decode_base64(text, f"images[{i}]")) for i, text in enumerate(images)]
 
 
-async def read_uploads(request: Request, limits: BodyLimits, on_image: OnImage) -> list[Upload]:
+async def read_uploads(request: Request, limits: BodyLimits, on_image: OnImage, clock: BodyClock) -> list[Upload]:
     """The request's images, in order; typed errors for every way a body can be wrong. Multipart
-    bodies call `on_image` as each image arrives; the others are counted when they are whole."""
+    bodies call `on_image` as each image arrives; the others are counted when they are whole.
+    `clock` is told of the body's bytes as they arrive."""
     media_type, params = parse_options_header(request.headers.get("content-type", ""))
     media = media_type.decode("latin-1").lower()
     with last_line_of_defence():
         if media == "multipart/form-data":
-            uploads = await _read_multipart(request, params, limits, on_image)
+            uploads = await _read_multipart(request, params, limits, on_image, clock)
         elif media == "application/json":
             json_limits = limits.for_encoded_images()
-            uploads = _decode_json(await read_json_body(request, json_limits, "the body"), json_limits)
+            uploads = _decode_json(await read_json_body(request, json_limits, "the body", clock), json_limits)
         elif media.startswith("image/") or media == "application/octet-stream":
-            uploads = [Upload("body", await read_body(request, limits.max_bytes))]
+            uploads = [Upload("body", await read_body(request, limits.max_bytes, clock))]
         elif not media:
-            if not await read_body(request, limits.max_bytes):
+            if not await read_body(request, limits.max_bytes, clock):
                 raise NoImage(f"empty request: send an image as {ACCEPTED_TYPES}")
             raise UnsupportedMediaType(f"no Content-Type; use {ACCEPTED_TYPES}")
         else:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import re
+import select
 import socket
 import time
 
@@ -98,6 +99,66 @@ def test_uploads_that_stall_hold_the_queue_only_until_their_deadline(target, sam
     finally:
         for raw in stalled:
             raw.close()
+
+
+@pytest.fixture(scope="module")
+def paced():
+    """A server whose bodies may take half a second at any rate, then must keep 1 KiB a second."""
+    with run_server(body_rate_grace_s=0.5, min_body_rate_bytes_s=1024) as server:
+        yield server
+        assert server.stop() == 0
+
+
+def _answer_of(raw: socket.socket) -> tuple[bytes, dict]:
+    head, body = _until_closed(raw).split(b"\r\n\r\n", 1)
+    return head, json.loads(body)
+
+
+def test_uploads_that_stall_free_their_slots_once_their_grace_has_passed(paced, samples):
+    """Stalled uploads with a 30 s deadline: a full queue's worth is answered 408 and closed soon
+    after the grace, not at the deadline, and the queue is free again."""
+    settings = Settings()
+    full = settings.max_queue_images // settings.max_images_per_request
+    started = time.monotonic()
+    stalled = [_stalled_upload(_port(paced), settings.max_body_bytes, 30) for _ in range(full)]
+    try:
+        for raw in stalled:
+            head, body = _answer_of(raw)
+            assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), head
+            assert body["error_type"] == "body_too_slow", body
+        assert time.monotonic() - started < 10
+        with paced.client() as client:
+            wait_for(lambda: metric(client, "vit_images_in_flight") == 0, timeout=10)
+            assert metric(client, 'vit_rejections_total{reason="body_too_slow"}') >= full
+            image = {"file": ("x.png", samples[0].encoded(), "image/png")}
+            assert client.post("/classify", files=image).status_code == 200
+    finally:
+        for raw in stalled:
+            raw.close()
+
+
+def test_a_body_that_drips_below_the_rate_is_refused_and_a_steady_one_is_served(paced, photo_1024):
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(photo_1024)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", _port(paced))) as drip:
+        drip.sendall(head)
+        for offset in range(0, 64 * 20, 64):  # 320 bytes a second until answered, four seconds at most
+            drip.sendall(photo_1024[offset : offset + 64])
+            if select.select([drip], [], [], 0.2)[0]:
+                break
+        answer, body = _answer_of(drip)
+    assert answer.startswith(b"HTTP/1.1 408 ") and body["error_type"] == "body_too_slow", answer
+    # The same photo in ten pieces over 1.5 s: three times the grace, far above the rate.
+    with socket.create_connection(("127.0.0.1", _port(paced))) as steady:
+        steady.sendall(head)
+        piece = -(-len(photo_1024) // 10)
+        for offset in range(0, len(photo_1024), piece):
+            time.sleep(0.15)
+            steady.sendall(photo_1024[offset : offset + piece])
+        steady.settimeout(10)
+        answer = steady.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
 
 def test_a_body_that_stops_early_is_dropped_cleanly(target, samples):

@@ -51,7 +51,7 @@ async def classify(request: Request) -> Response:
     explain = params.flag(request, "explain")
     deadline = params.deadline(request, frontend.settings)
     async with engine.admitted(declared_length(request), deadline) as admission:
-        uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
+        uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission), admission.clock)
         answer = await engine.run(admission, uploads, explain=explain, gone=connection_closed(request.scope))
     results = []
     top = predictions(answer.rows, manifest.labels, k)

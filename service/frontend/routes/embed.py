@@ -37,7 +37,7 @@ async def embed(request: Request) -> Response:
     deadline = params.deadline(request, frontend.settings)
     engine = frontend.engine
     async with engine.admitted(declared_length(request), deadline) as admission:
-        uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission))
+        uploads = await read_uploads(request, frontend.limits, partial(engine.hold, admission), admission.clock)
         answer = await engine.run(admission, uploads, gone=connection_closed(request.scope))
     vectors = embeddings(answer.rows, normalize)
     results = [{"filename": u.name, "embedding": v.tolist()} for u, v in zip(uploads, vectors, strict=True)]

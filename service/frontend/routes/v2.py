@@ -95,9 +95,9 @@ async def infer(name: str, request: Request) -> Response:
         json_length = request.headers.get(HEADER_LENGTH)
         # With the binary extension only the JSON header's commas count, once the body is whole.
         body = await (
-            read_body(request, limits.max_bytes)
+            read_body(request, limits.max_bytes, admission.clock)
             if json_length is not None
-            else read_json_body(request, limits, "the inference request")
+            else read_json_body(request, limits, "the inference request", admission.clock)
         )
         if not body:
             raise BadRequest("empty inference request")

@@ -1,11 +1,13 @@
 """The body budget on its own: JSON checked before it is parsed, and the last line of defence."""
 
+import asyncio
 import logging
+import time
 
 import pytest
 
 from service.errors import BadRequest, PayloadTooLarge
-from service.frontend.body import BodyLimits, last_line_of_defence, load_json
+from service.frontend.body import BodyClock, BodyLimits, last_line_of_defence, load_json
 from service.logs import ContextFilter, request_id
 
 LIMITS = BodyLimits(
@@ -71,3 +73,35 @@ def test_the_unforeseen_becomes_a_400_logged_with_the_request_id(caplog):
     (record,) = caplog.records
     assert record.exc_info[0] is ZeroDivisionError
     assert record.request_id == "req-42"
+
+
+def _run_clock(
+    events: list[tuple[float, int | None]], grace_s: float = 0.1, deadline_s: float = 5
+) -> tuple[bool, bool]:
+    """Play (sleep seconds, bytes so far, or None to stop the clock) under a BodyClock of 1,000
+    bytes/s: (whether its timeout fired, whether the rate was what ran out)."""
+
+    async def play() -> tuple[bool, bool]:
+        clock = BodyClock(time.monotonic() + deadline_s, 1000, grace_s)
+        try:
+            async with clock.timeout:
+                for pause, total in events:
+                    await asyncio.sleep(pause)
+                    if total is None:
+                        clock.stop()
+                    else:
+                        clock.received(total)
+        except TimeoutError:
+            return True, clock.rate_ran_out()
+        return False, False
+
+    return asyncio.run(play())
+
+
+def test_a_body_clock_gives_a_grace_then_holds_the_rate_and_lets_the_work_after_the_body_run_on():
+    assert _run_clock([(0.3, None)]) == (True, True)  # nothing arrived within the grace
+    assert _run_clock([(0.05, 300), (0.2, 500), (0.2, None)]) == (False, False)  # 500 bytes cover 0.5 s
+    assert _run_clock([(0.05, 100), (0.25, None)]) == (True, True)  # 100 bytes cover 0.1 s only
+    assert _run_clock([(0.05, None), (0.4, None)]) == (False, False)  # the body is in: the deadline alone
+    assert _run_clock([(0.3, None)], grace_s=10) == (False, False)  # within the grace, any rate will do
+    assert _run_clock([(0.3, None)], grace_s=10, deadline_s=0.1) == (True, False)  # the deadline came first
