@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_form_fields: int = Field(16, ge=0, description="multipart parts other than `file` in one request: 413")
     max_part_header_bytes: int = Field(16384, ge=256, description="one multipart part's header block: 400")
     max_header_bytes: int = Field(32768, ge=1024, description="a request's line and headers together: 431")
+    header_timeout_s: float = Field(
+        30.0, gt=0, description="how long a request's line and headers may take to arrive: 408 (Kestrel's default)"
+    )
     default_top_k: int = Field(5, ge=1, description="predictions per image when top_k is not given")
 
     # Lifecycle and HTTP

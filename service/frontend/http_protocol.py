@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol, with four changes.
+"""uvicorn's httptools protocol, with five changes.
 
 - Each request's scope carries a future that its connection's end resolves (`connection_closed`):
   a route that waits on the engine learns that its client left from a callback, where ASGI
@@ -12,6 +12,11 @@
 - A request's line and headers are bounded (`VIT_MAX_HEADER_BYTES`): past it, a JSON 431 and the
   connection closes. httptools sets no bound, and uvicorn's own (h11's) does not apply to it, so
   one connection sending an endless header grew a front-end by every megabyte it sent.
+- So is the time they take (`VIT_HEADER_TIMEOUT_S`): a head still incomplete then gets a
+  JSON 408 and the connection closes; a connection that sent nothing at all just closes. uvicorn
+  times only the idle gap after an answer (its keep-alive), and stops at the first byte of the
+  next head, so a head that never ended held its connection for good. A connection arms one
+  timer for its first head; a later head that arrives whole in one read, nearly every one, none.
 """
 
 from __future__ import annotations
@@ -59,18 +64,22 @@ def connection_closed(scope: Scope) -> asyncio.Future[None] | None:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    max_head_bytes: int  # the request line and headers together; set by `bounded`
+    # Set by `bounded`: the request line and headers together, and the seconds they may take.
+    max_head_bytes: int
+    head_timeout_s: float
 
     @classmethod
-    def bounded(cls, max_head_bytes: int) -> type[HttpProtocol]:
-        """This protocol with heads bounded at `max_head_bytes` (uvicorn takes a class, not an instance)."""
-        return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes})
+    def bounded(cls, max_head_bytes: int, head_timeout_s: float) -> type[HttpProtocol]:
+        """This protocol with heads bounded in size and time (uvicorn takes a class, not an instance)."""
+        return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._closed: asyncio.Future[None] = self.loop.create_future()
         self._head_bytes: int | None = None  # of a head still being read; None outside one
         self._between_messages = True
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._time_head()  # a new connection owes its first head
 
     def data_received(self, data: bytes) -> None:
         # A chunk that starts in a head, or where one starts, and leaves it incomplete is all head. One
@@ -78,14 +87,32 @@ class HttpProtocol(HttpToolsProtocol):
         # counted: the bound then holds from the next chunk, a read later.
         starts_in_head = self._head_bytes is not None or self._between_messages
         super().data_received(data)
-        if starts_in_head and self._head_bytes is not None and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
-                self._refuse(
-                    b"431 Request Header Fields Too Large",
-                    "headers_too_large",
-                    f"the request line and headers exceed {self.max_head_bytes} bytes",
-                )
+        if self._head_bytes is not None and not self.transport.is_closing():
+            if self._head_timer is None:
+                self._time_head()
+            if starts_in_head:
+                self._head_bytes += len(data)
+                if self._head_bytes > self.max_head_bytes:
+                    self._refuse(
+                        b"431 Request Header Fields Too Large",
+                        "headers_too_large",
+                        f"the request line and headers exceed {self.max_head_bytes} bytes",
+                    )
+
+    def _time_head(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._time_head()  # a pipelined head waits behind an answer still being made: not its fault
+        elif self._head_bytes is not None:
+            message = f"the request line and headers took over {self.head_timeout_s:g} s"
+            self._refuse(b"408 Request Timeout", "header_timeout", message)
+        else:
+            self.transport.close()  # nothing was asked: nothing to answer
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -94,6 +121,9 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -104,6 +134,8 @@ class HttpProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
         if not self._closed.done():
             self._closed.set_result(None)
         super().connection_lost(exc)

@@ -110,7 +110,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     for status, description in {
         400: "no image, empty body, malformed multipart/JSON/base64",
         401: "API keys are configured and none valid was given",
-        408: "the body stalled, or arrived slower than the minimum rate once its grace had passed",
+        408: "the request's headers, or its body, arrived too slowly (VIT_HEADER_TIMEOUT_S, VIT_MIN_BODY_RATE_BYTES_S)",
         413: "body, image pixels or image count over the limit",
         415: "unsupported Content-Type or image format",
         422: "corrupt or truncated image; invalid parameter",

@@ -102,9 +102,10 @@ def test_uploads_that_stall_hold_the_queue_only_until_their_deadline(target, sam
 
 
 @pytest.fixture(scope="module")
-def paced():
-    """A server whose bodies may take half a second at any rate, then must keep 1 KiB a second."""
-    with run_server(body_rate_grace_s=0.5, min_body_rate_bytes_s=1024) as server:
+def impatient():
+    """A server whose heads may take half a second, and its bodies half a second at any rate, then
+    1 KiB a second."""
+    with run_server(header_timeout_s=0.5, body_rate_grace_s=0.5, min_body_rate_bytes_s=1024) as server:
         yield server
         assert server.stop() == 0
 
@@ -114,20 +115,20 @@ def _answer_of(raw: socket.socket) -> tuple[bytes, dict]:
     return head, json.loads(body)
 
 
-def test_uploads_that_stall_free_their_slots_once_their_grace_has_passed(paced, samples):
+def test_uploads_that_stall_free_their_slots_once_their_grace_has_passed(impatient, samples):
     """Stalled uploads with a 30 s deadline: a full queue's worth is answered 408 and closed soon
     after the grace, not at the deadline, and the queue is free again."""
     settings = Settings()
     full = settings.max_queue_images // settings.max_images_per_request
     started = time.monotonic()
-    stalled = [_stalled_upload(_port(paced), settings.max_body_bytes, 30) for _ in range(full)]
+    stalled = [_stalled_upload(_port(impatient), settings.max_body_bytes, 30) for _ in range(full)]
     try:
         for raw in stalled:
             head, body = _answer_of(raw)
             assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), head
             assert body["error_type"] == "body_too_slow", body
         assert time.monotonic() - started < 10
-        with paced.client() as client:
+        with impatient.client() as client:
             wait_for(lambda: metric(client, "vit_images_in_flight") == 0, timeout=10)
             assert metric(client, 'vit_rejections_total{reason="body_too_slow"}') >= full
             image = {"file": ("x.png", samples[0].encoded(), "image/png")}
@@ -137,11 +138,11 @@ def test_uploads_that_stall_free_their_slots_once_their_grace_has_passed(paced, 
             raw.close()
 
 
-def test_a_body_that_drips_below_the_rate_is_refused_and_a_steady_one_is_served(paced, photo_1024):
+def test_a_body_that_drips_below_the_rate_is_refused_and_a_steady_one_is_served(impatient, photo_1024):
     head = (
         f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(photo_1024)}\r\n\r\n"
     ).encode()
-    with socket.create_connection(("127.0.0.1", _port(paced))) as drip:
+    with socket.create_connection(("127.0.0.1", _port(impatient))) as drip:
         drip.sendall(head)
         for offset in range(0, 64 * 20, 64):  # 320 bytes a second until answered, four seconds at most
             drip.sendall(photo_1024[offset : offset + 64])
@@ -150,7 +151,7 @@ def test_a_body_that_drips_below_the_rate_is_refused_and_a_steady_one_is_served(
         answer, body = _answer_of(drip)
     assert answer.startswith(b"HTTP/1.1 408 ") and body["error_type"] == "body_too_slow", answer
     # The same photo in ten pieces over 1.5 s: three times the grace, far above the rate.
-    with socket.create_connection(("127.0.0.1", _port(paced))) as steady:
+    with socket.create_connection(("127.0.0.1", _port(impatient))) as steady:
         steady.sendall(head)
         piece = -(-len(photo_1024) // 10)
         for offset in range(0, len(photo_1024), piece):
@@ -159,6 +160,31 @@ def test_a_body_that_drips_below_the_rate_is_refused_and_a_steady_one_is_served(
         steady.settimeout(10)
         answer = steady.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def test_a_head_that_takes_too_long_is_answered_408_and_a_silent_connection_closed(impatient):
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", _port(impatient))) as silent:
+        silent.settimeout(10)
+        assert silent.recv(65536) == b""  # closed, with nothing to answer
+    with socket.create_connection(("127.0.0.1", _port(impatient))) as slow:
+        slow.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        head, body = _answer_of(slow)
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), head
+    assert body["error_type"] == "header_timeout"
+    assert time.monotonic() - started < 5
+
+
+def test_a_head_in_pieces_within_the_timeout_is_served_and_the_next_one_is_timed_too(impatient):
+    with socket.create_connection(("127.0.0.1", _port(impatient))) as raw:
+        raw.settimeout(10)
+        for piece in (b"GET /livez HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+            raw.sendall(piece)
+            time.sleep(0.1)
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200 ")
+        raw.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")  # the keep-alive's next head never ends
+        head, body = _answer_of(raw)
+    assert head.startswith(b"HTTP/1.1 408 ") and body["error_type"] == "header_timeout", head
 
 
 def test_a_body_that_stops_early_is_dropped_cleanly(target, samples):
