@@ -78,6 +78,12 @@ def _until_closed(raw: socket.socket) -> bytes:
     return reply
 
 
+def _answer_of(raw: socket.socket) -> tuple[bytes, dict]:
+    """The head and JSON body of the one answer before the server closes the connection."""
+    head, body = _until_closed(raw).split(b"\r\n\r\n", 1)
+    return head, json.loads(body)
+
+
 def test_uploads_that_stall_hold_the_queue_only_until_their_deadline(target, samples):
     """A body that stops arriving keeps the images its size suggests (a full request's worth at the
     body limit), so a few such connections fill the queue and others get 429 meanwhile. At their
@@ -91,9 +97,9 @@ def test_uploads_that_stall_hold_the_queue_only_until_their_deadline(target, sam
             wait_for(lambda: metric(client, "vit_images_in_flight") == settings.max_queue_images, timeout=10)
             assert client.post("/classify", files=image).status_code == 429
             for raw in stalled:
-                head, body = _until_closed(raw).split(b"\r\n\r\n", 1)
+                head, body = _answer_of(raw)
                 assert head.startswith(b"HTTP/1.1 504 ") and b"connection: close" in head.lower(), head
-                assert json.loads(body)["error_type"] == "deadline_exceeded"
+                assert body["error_type"] == "deadline_exceeded"
             wait_for(lambda: metric(client, "vit_images_in_flight") == 0, timeout=10)
             assert client.post("/classify", files=image).status_code == 200
     finally:
@@ -108,11 +114,6 @@ def impatient():
     with run_server(header_timeout_s=0.5, body_rate_grace_s=0.5, min_body_rate_bytes_s=1024) as server:
         yield server
         assert server.stop() == 0
-
-
-def _answer_of(raw: socket.socket) -> tuple[bytes, dict]:
-    head, body = _until_closed(raw).split(b"\r\n\r\n", 1)
-    return head, json.loads(body)
 
 
 def test_uploads_that_stall_free_their_slots_once_their_grace_has_passed(impatient, samples):
@@ -225,9 +226,9 @@ def test_an_endless_header_is_refused_with_431_not_buffered(target, samples):
         with contextlib.suppress(ConnectionError):  # refused while it sends: as it should be
             for _ in range(64):
                 raw.sendall(b"a" * 65536)
-        head, body = _until_closed(raw).split(b"\r\n\r\n", 1)
+        head, body = _answer_of(raw)
     assert head.startswith(b"HTTP/1.1 431 "), head
-    assert json.loads(body)["error_type"] == "headers_too_large"
+    assert body["error_type"] == "headers_too_large"
     assert _healthy_quickly(target, samples) < 2.0
 
 
