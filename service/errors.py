@@ -133,6 +133,10 @@ def install_error_handlers(app: FastAPI) -> None:
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return error_response(InvalidParameter(details))
 
+    async def on_fault(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette sends this answer, then raises the exception again for uvicorn to log.
+        return error_response(ServiceError("internal server error"))
+
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Routing errors (404, 405) keep their status but get the same body shape as ours.
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -141,5 +145,6 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(ServiceError, on_service_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, on_fault)
     app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]

@@ -115,6 +115,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         415: "unsupported Content-Type or image format",
         422: "corrupt or truncated image; invalid parameter",
         429: "queue full: retry after Retry-After seconds",
+        500: "inference failed for a batch holding the images, or another fault of the server's own",
         503: "not ready, or draining",
         504: "the request's deadline passed",
     }.items()
