@@ -125,6 +125,11 @@ def error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
+def fault_response() -> JSONResponse:
+    """The answer to a fault of the server's own (a bug): a 500 in the shape of every other error."""
+    return error_response(ServiceError("internal server error"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc)
@@ -135,7 +140,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_fault(request: Request, exc: Exception) -> JSONResponse:
         # Starlette sends this answer, then raises the exception again for uvicorn to log.
-        return error_response(ServiceError("internal server error"))
+        return fault_response()
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Routing errors (404, 405) keep their status but get the same body shape as ours.

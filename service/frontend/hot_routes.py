@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from service.errors import ServiceError, error_response
+from service.errors import ServiceError, error_response, fault_response
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class HotRoutes:
         except ServiceError as exc:
             response = error_response(exc)
         except Exception:
-            # A fault of the server's own, which FastAPI's stack is not here to catch: logged with
-            # the request ID, and answered in the shape of every other error.
+            # FastAPI's stack, whose handler answers these elsewhere, is not here to catch it.
             logger.exception("unexpected error in %s", route.path)
-            response = error_response(ServiceError("internal server error"))
+            response = fault_response()
         await response(scope, receive, send)
