@@ -42,7 +42,11 @@ def requested_providers(setting: str, available: list[str]) -> list[str]:
 
 
 class OnnxBackend:
-    """N independent sessions of one graph; `predict` borrows a free one, so N batches run side by side.
+    """N session workers of one graph; `predict` borrows a free one, so N batches run side by side.
+
+    Each worker has a session of its own, or all share one (VIT_SHARED_SESSION): onnxruntime's
+    run is thread-safe, and with one intra-op thread it computes on its caller's thread, so shared
+    runs still run at once, on one copy of the weights.
 
     Every output of the graph is computed and returned, in the graph's order (logits first)."""
 
@@ -70,12 +74,22 @@ class OnnxBackend:
         self.on_cuda = active == CUDA
         self.output_names = self._check_io_names(first)
         self.workers = workers or settings.resolved_session_workers(self.on_cuda)
-        sessions = [first] + [self._new_session(requested, settings.intra_op_threads) for _ in range(self.workers - 1)]
+        shared = settings.resolved_shared_session(onnx_path.stat().st_size)
+        others = [
+            first if shared else self._new_session(requested, settings.intra_op_threads)
+            for _ in range(self.workers - 1)
+        ]
+        sessions = [first, *others]
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for session in sessions:
             self._free.put(session)
         logger.info(
-            "%s on %s: %d session(s) x %d thread(s)", onnx_path.name, active, self.workers, settings.intra_op_threads
+            "%s on %s: %d worker(s) on %s x %d thread(s)",
+            onnx_path.name,
+            active,
+            self.workers,
+            "one shared session" if shared else "a session each",
+            settings.intra_op_threads,
         )
 
     def _new_session(self, providers: list[str], threads: int) -> ort.InferenceSession:
@@ -129,13 +143,13 @@ class OnnxBackend:
         return binding.copy_outputs_to_cpu()
 
     def warm_up(self, batch_sizes: list[int], pixel_shape: tuple[int, int, int]) -> list[tuple[str, tuple[int, ...]]]:
-        """A real forward pass at each batch size on every session; returns each output's name and
+        """A real forward pass at each batch size on each session; returns each output's name and
         per-image shape, checked against the batch and for finite logits."""
         height, width, channels = pixel_shape
         no_tensors = np.empty((0, channels, height, width), dtype=np.float32)
         sessions = [self._free.get() for _ in range(self.workers)]
         try:
-            for session in sessions:
+            for session in dict.fromkeys(sessions):  # a shared session once
                 for size in batch_sizes:
                     outputs = self._run(session, np.zeros((size, *pixel_shape), dtype=np.uint8), no_tensors)
                     logits = outputs[0]

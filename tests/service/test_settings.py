@@ -45,3 +45,11 @@ def test_session_workers_default_to_one_per_core_on_cpu_and_one_on_cuda():
     assert settings.resolved_session_workers(on_cuda=True) == 1
     assert settings.resolved_session_workers(on_cuda=False) >= 1
     assert Settings(session_workers=3).resolved_session_workers(on_cuda=False) == 3
+
+
+def test_large_graphs_share_one_session_unless_told_otherwise():
+    vit_small, vit_base = 88_000_000, 346_000_000  # fp32 graph files, bytes
+    assert not Settings().resolved_shared_session(vit_small)
+    assert Settings().resolved_shared_session(vit_base)
+    assert Settings(shared_session=True).resolved_shared_session(vit_small)
+    assert not Settings(shared_session=False).resolved_shared_session(vit_base)
