@@ -5,11 +5,12 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY model_export ./model_export
 COPY service ./service
 COPY bench ./bench
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install ".[cpu]"
+# The versions CI tested (constraints.txt), not whatever is newest on the day of the build.
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install -c constraints.txt ".[cpu]"
 
 FROM ${BASE_IMAGE} AS runtime
 COPY --from=build /opt/venv /opt/venv

@@ -8,11 +8,15 @@ PORT ?= 8000
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test lint system-deps train-default export-default bench bench-peers
+.PHONY: serve test lint lock system-deps train-default export-default bench bench-peers
 
-$(BIN)/vit-serve: pyproject.toml
+# Every install of the service's own dependencies but the peers' takes constraints.txt's versions,
+# those the images install, so that the tests and benchmarks run what ships.
+PINNED := -c constraints.txt
+
+$(BIN)/vit-serve: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[cpu]'
+	$(BIN)/pip install --quiet $(PINNED) -e '.[cpu]'
 	touch $@
 
 serve: $(BIN)/vit-serve
@@ -20,10 +24,14 @@ serve: $(BIN)/vit-serve
 
 # torchvision imports only beside torch 2.14.1 (both are wheels on this kind of machine's disk);
 # timm and torchvision are the reference libraries the checkpoint importers are proven against.
-$(VENV)/.test-deps: pyproject.toml $(BIN)/vit-serve
+$(VENV)/.test-deps: pyproject.toml constraints.txt $(BIN)/vit-serve
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[cpu,export,test]'
+	$(BIN)/pip install --quiet $(PINNED) -e '.[cpu,export,test]'
 	touch $@
+
+# Re-resolve constraints.txt: the newest versions within pyproject.toml's ranges (docker/lock.py).
+lock: $(BIN)/vit-serve
+	$(BIN)/python docker/lock.py
 
 # Debian packages the tests use: the labelled images, a browser for the demo page, a gateway.
 system-deps:
@@ -70,10 +78,10 @@ export-default: $(VENV)/.test-deps
 BENCH_VENV ?= .venv-bench
 BENCH_OUT ?= bench-results
 
-$(BENCH_VENV)/.installed: pyproject.toml
+$(BENCH_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
-	$(BENCH_VENV)/bin/pip install --quiet -e '.[cpu,bench]'
+	$(BENCH_VENV)/bin/pip install --quiet $(PINNED) -e '.[cpu,bench]'
 	touch $@
 
 bench: $(BENCH_VENV)/.installed

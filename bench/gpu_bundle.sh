@@ -14,9 +14,10 @@
 # PYTHON_VERSION (3.12) is the host's; PYTHON (python3) the interpreter there that holds torch.
 set -euo pipefail
 
-# The serving stack at the versions the test venv runs; the host image has the rest (numpy,
-# Pillow, uvloop, anyio, httpx, prometheus-client, pytest, torch, onnx).
-SERVING='^(fastapi|starlette|pydantic|pydantic[-_]core|pydantic-settings|python-dotenv|typing-inspection|annotated-types|uvicorn|httptools|python-multipart|simplejpeg)=='
+# The serving stack as constraints.txt pins it (the versions CI tests), but numpy and protobuf, which
+# the host's torch and onnx were built against, and the CPU onnxruntime that onnxruntime-gpu replaces.
+# The host image has the rest (torch, onnx, httpx, pytest).
+HOST_KEEPS='^(numpy|protobuf|onnxruntime)=='
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
   --platform manylinux2014_x86_64)
 FASHION_MNIST=/usr/share/datasets/fashion-mnist
@@ -25,8 +26,7 @@ pack() {
   local dir=$1 stage
   stage=$(mktemp -d)
   mkdir -p "$stage/wheels" "$stage/fashion-mnist"
-  mapfile -t pins < <(.venv/bin/python -m pip freeze | grep -iE "$SERVING")
-  pins+=("$(grep -o 'onnxruntime-gpu\[[a-z,]*\]==[0-9.]*' pyproject.toml | sed 's/\[.*\]//')")
+  mapfile -t pins < <(grep -v '^#' constraints.txt | grep -viE "$HOST_KEEPS")
   python3 -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
     --python-version "${PYTHON_VERSION:-3.12}" "${PLATFORMS[@]}" -d "$stage/wheels" "${pins[@]}"
   cp "$FASHION_MNIST"/t10k-* "$stage/fashion-mnist/"
