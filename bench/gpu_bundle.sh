@@ -7,9 +7,12 @@
 #                                   cut into parts of at most PART_MIB (56), one folder per part:
 #                                   DIR/1, DIR/2, ..., so each part can travel on its own.
 #   bench/gpu_bundle.sh run DIR OUT there, from the repository's root once every part is in DIR:
-#                                   checks the parts, installs the wheels beside the host's torch
-#                                   and CUDA libraries, then runs the checks in order of worth, each
-#                                   under its own timeout, writing what it finds to OUT as it goes.
+#                                   unpacks the bundle beside the host's torch and CUDA libraries,
+#                                   then runs the checks in order of worth, each under its own
+#                                   timeout, writing what it finds to OUT as it goes.
+#   bench/gpu_bundle.sh unpack DIR WORK
+#                                   what run does first: checks the parts, joins them into WORK and
+#                                   installs the wheels into WORK/site (tests/bench tries it here).
 #
 # PYTHON_VERSION (3.12) is the host's; PYTHON (python3) the interpreter there that holds torch.
 set -euo pipefail
@@ -55,17 +58,24 @@ check() {
   echo "$name: exit $status after $((SECONDS - started)) s" | tee -a "$OUT/checks.txt"
 }
 
-run() {
-  local dir=$1 work=/tmp/gpu-bundle
-  OUT=$2
-  mkdir -p "$OUT" "$work"
+unpack() {
+  local dir=$1 work=$2
+  mkdir -p "$work"
   local lists=("$dir"/*/parts.sha256)
   # Every part present and whole, or nothing runs: a missing one means a transfer went wrong.
   (cd "$dir" && sha256sum -c --quiet) <"${lists[0]}"
   mapfile -t parts < <(awk '{print $2}' "${lists[0]}")
   (cd "$dir" && cat "${parts[@]}") | tar -x -C "$work"
+  "${PYTHON:-python3}" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$work/site" \
+    "$work"/wheels/*.whl
+}
+
+run() {
+  local dir=$1 work=/tmp/gpu-bundle
+  OUT=$2
+  mkdir -p "$OUT"
+  unpack "$dir" "$work"
   local site=$work/site python=${PYTHON:-python3}
-  "$python" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$site" "$work"/wheels/*.whl
   if [ ! -d "$FASHION_MNIST" ]; then mkdir -p "$FASHION_MNIST" && cp "$work"/fashion-mnist/* "$FASHION_MNIST/"; fi
   # The wheels shadow the host's CPU onnxruntime; the repository is imported from where it stands.
   export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1
@@ -88,9 +98,10 @@ print(":".join(sorted({str(p.parent) for r in site.getsitepackages() for p in pa
 
 case ${1:-} in
 pack) pack "$2" ;;
+unpack) unpack "$2" "$3" ;;
 run) run "$2" "$3" ;;
 *)
-  sed -n '2,15p' "$0"
+  sed -n '2,17p' "$0"
   exit 2
   ;;
 esac
