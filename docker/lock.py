@@ -54,7 +54,8 @@ def resolve(extra: str, constraints: Path | None = None) -> dict[str, str]:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             # pip explains a conflict on stdout, after its progress lines.
-            why = done.stdout[done.stdout.find("The conflict is caused by") :] if "conflict is" in done.stdout else ""
+            start = done.stdout.find("The conflict is caused by")
+            why = done.stdout[start:] if start >= 0 else ""
             raise SystemExit(f"pip cannot resolve '.[{extra}]':\n{done.stderr.strip()}\n{why.strip()}")
         installs = json.loads(report.read_text())["install"]
     found = {canonical(item["metadata"]["name"]): item["metadata"]["version"] for item in installs}

@@ -21,9 +21,7 @@ def test_the_service_imports_from_the_bundle_on_a_python_holding_only_what_it_le
     host = tmp_path / "host"
     _run(sys.executable, "-m", "venv", str(host))
     python = str(host / "bin" / "python")
-    constraints = (REPO / "constraints.txt").read_text().splitlines()
-    pins = [line for line in constraints if line.startswith(("numpy==", "protobuf=="))]
-    _run(python, "-m", "pip", "install", "--quiet", *pins)
+    _run(python, "-m", "pip", "install", "--quiet", "-c", str(REPO / "constraints.txt"), "numpy", "protobuf")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     env = {**os.environ, "PYTHON_VERSION": version, "PYTHON": python}
     _run("bash", SCRIPT, "pack", str(tmp_path / "bundle"), cwd=REPO, env=env)
