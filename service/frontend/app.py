@@ -3,6 +3,8 @@ its lifespan connects to the engine and drains."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +17,7 @@ from starlette.types import ASGIApp
 from model_export.manifest import Manifest
 from service.boot import settle_heap
 from service.errors import install_error_handlers
+from service.frontend import loop_lag
 from service.frontend.access import require_api_key
 from service.frontend.body import BodyLimits
 from service.frontend.engine_client import EngineClient
@@ -48,6 +51,7 @@ def create_app(
         info = await engine.start(ENGINE_WAIT_S)
         metrics.model_info.labels(model=manifest.name, provider=info.provider, variant=manifest.variant).set(1)
         settle_heap()
+        lag = asyncio.create_task(loop_lag.watch(metrics.loop_lag_seconds.observe), name="loop-lag")
         on_ready(info)
         logger.info("ready: %s on %s", manifest.name, info.provider)
         try:
@@ -60,6 +64,9 @@ def create_app(
                     lifecycle.in_flight,
                 )
             await engine.close()
+            lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
             logger.info("stopped")
 
     app = FastAPI(
