@@ -67,12 +67,16 @@ def print_result(result: BenchResult) -> None:
         print(f"  {layout.sessions} x {layout.threads}, batch {layout.batch:3d}: {layout.images_per_s:8.1f}")
     if result.limit_device_input is not None:
         print(f"  the same best batch with its input already on the GPU: {result.limit_device_input:8.1f}")
-    print(f"{'system':9} {'conc':>4} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} {'errors':>6}")
+    print(
+        f"{'system':9} {'conc':>4} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} "
+        f"{'lag ms':>7} {'errors':>6}"
+    )
     for r in result.http:
         batch = f"{r.mean_batch:6.2f}" if r.mean_batch is not None else f"{'-':>6}"
+        lag = f"{r.mean_loop_lag_ms:7.2f}" if r.mean_loop_lag_ms is not None else f"{'-':>7}"
         print(
             f"{r.system:9} {r.concurrency:4d} {r.images_per_s:8.1f} {r.p50_ms:8.2f} {r.p95_ms:8.2f} "
-            f"{r.p99_ms:8.2f} {batch} {r.errors:6d}"
+            f"{r.p99_ms:8.2f} {batch} {lag} {r.errors:6d}"
         )
     if result.skipped_levels:
         print(f"skipped concurrency {result.skipped_levels}: a round trip would exceed half the window")

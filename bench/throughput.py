@@ -30,6 +30,9 @@ class HttpResult:
     p95_ms: float
     p99_ms: float
     mean_batch: float | None  # images per formed batch (the service's metrics); None for the baseline
+    # How late the front-ends' event loops ran their timers, on average (the service's metrics): ms of
+    # waiting for a front-end, where it grows while the batches do not, the front-ends are the limit.
+    mean_loop_lag_ms: float | None
     errors: int
 
 
@@ -67,13 +70,22 @@ class BenchResult:
         }
 
 
-def _batch_totals(client: httpx.Client) -> tuple[float, float]:
-    totals = {"sum": 0.0, "count": 0.0}
+_SERVICE_TOTALS = (
+    "vit_batch_size_images_sum",
+    "vit_batch_size_images_count",
+    "vit_event_loop_lag_seconds_sum",
+    "vit_event_loop_lag_seconds_count",
+)
+
+
+def _service_totals(client: httpx.Client) -> tuple[float, ...]:
+    """The service's batch and loop-lag histograms' sums and counts, in _SERVICE_TOTALS' order."""
+    totals = dict.fromkeys(_SERVICE_TOTALS, 0.0)
     for line in client.get("/metrics").text.splitlines():
-        for kind in totals:
-            if line.startswith(f"vit_batch_size_images_{kind} "):
-                totals[kind] = float(line.split()[1])
-    return totals["sum"], totals["count"]
+        name, _, value = line.partition(" ")
+        if name in totals:
+            totals[name] = float(value)
+    return tuple(totals.values())
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,13 +149,17 @@ def measure_http(
     system: str, url: str, images: list[bytes], levels: list[int], seconds: float, limit_per_s: float
 ) -> list[HttpResult]:
     """images/s and latency at each level for one image list per /classify request; the service's
-    mean formed batch from its own metrics."""
+    mean formed batch and front-end loop lag from its own metrics."""
     results = []
     request = multipart_upload(url, "/classify", images)
     with httpx.Client(base_url=url, timeout=60) as client:
-        sample: Sample = (lambda: _batch_totals(client)) if system == "service" else tuple
+        sample: Sample = (lambda: _service_totals(client)) if system == "service" else tuple
         for window in timed_windows(url, request, levels, seconds, len(images), limit_per_s, sample):
-            mean_batch = window.spent[0] / max(1.0, window.spent[1]) if window.spent else None
+            mean_batch = mean_lag_ms = None
+            if window.spent:
+                batched, batches, lag_s, lag_samples = window.spent
+                mean_batch = batched / max(1.0, batches)
+                mean_lag_ms = 1000 * lag_s / max(1.0, lag_samples)
             latencies = window.latencies_ms()
             results.append(
                 HttpResult(
@@ -154,6 +170,7 @@ def measure_http(
                     percentile(latencies, 95),
                     percentile(latencies, 99),
                     mean_batch,
+                    mean_lag_ms,
                     window.errors,
                 )
             )

@@ -31,11 +31,14 @@ def test_run_measures_the_limit_the_service_and_the_baseline(tmp_path):
     ]
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in result["http"])
     assert all(r["mean_batch"] >= 1 for r in result["http"] if r["system"] == "service")
+    # The front-ends sample their loops 10 times a second each: a half-second window holds samples.
+    assert all(0 <= r["mean_loop_lag_ms"] < 500 for r in result["http"] if r["system"] == "service")
+    assert all(r["mean_loop_lag_ms"] is None for r in result["http"] if r["system"] == "baseline")
     assert result["images_per_request"] == 2
     ratios = result["ratios"]
     assert ratios["service_over_limit"] > 0 and ratios["service_over_baseline"] > 0
     assert 0 < ratios["limit_over_peak"] < 1.5 and result["lone_ms"] > 0
-    for label in ("service / limit", "service / baseline", "overhead at concurrency 1", "GEMM peaks"):
+    for label in ("service / limit", "service / baseline", "overhead at concurrency 1", "GEMM peaks", "lag ms"):
         assert label in out
 
 
