@@ -41,17 +41,21 @@ def summary_table(results: list[BenchResult]) -> str:
         f"Machine: {device}, {machine.cores} cores, kernel flags {', '.join(machine.kernel_flags) or 'none of note'}; "
         f"GEMM peaks (G op/s): {peaks}.",
         "",
-        "| model | raw limit (layout) | service | baseline | service / limit | service / baseline "
-        "| overhead at c=1 | limit / peak |",
+        "| model | raw limit (layout) | service (its level, mean batch, front-ends' loop lag) | baseline "
+        "| service / limit | service / baseline | overhead at c=1 | limit / peak |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         ratios = result.ratios()
-        best = result.limit[0]
+        best, service = result.limit[0], result.best("service")
+        # Below the limit, these say why: small batches (the batcher), or a long lag (the front-ends).
+        batch = f"{service.mean_batch:.1f}" if service.mean_batch is not None else "-"
+        lag = f"{service.mean_loop_lag_ms:.1f} ms" if service.mean_loop_lag_ms is not None else "-"
         lines.append(
             f"| {result.model} ({result.variant}) "
             f"| {best.images_per_s:.1f} img/s ({best.sessions} × {best.threads}, b{best.batch}) "
-            f"| {result.best('service').images_per_s:.1f} img/s | {result.best('baseline').images_per_s:.1f} img/s "
+            f"| {service.images_per_s:.1f} img/s (c={service.concurrency}, batch {batch}, lag {lag}) "
+            f"| {result.best('baseline').images_per_s:.1f} img/s "
             f"| {ratios['service_over_limit']:.2f}× | {ratios['service_over_baseline']:.2f}× "
             f"| {ratios['overhead_ms']:.2f} ms | {ratios['limit_over_peak']:.2f} |"
         )
