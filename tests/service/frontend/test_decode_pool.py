@@ -59,3 +59,67 @@ def test_a_cancelled_wait_leaves_the_job_to_finish_quietly_and_shutdown_drains_t
         assert first.cancelled() and second.done() and second.result() == "decoded"
 
     asyncio.run(scenario())
+
+
+def test_starmap_answers_every_call_in_order_with_each_error_in_its_place():
+    async def scenario() -> None:
+        pool = DecodePool(2)
+        try:
+            outcomes = await pool.starmap(lambda a, b: a / b, [(1, 1), (1, 0), (4, 2), (3, 0)])
+            assert outcomes[0] == 1.0 and outcomes[2] == 2.0
+            assert isinstance(outcomes[1], ZeroDivisionError) and isinstance(outcomes[3], ZeroDivisionError)
+            assert await pool.starmap(pow, []) == []
+        finally:
+            pool.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_call_holds_up_none_of_the_calls_after_it():
+    # The first call waits until the other nine have run: they must go to the other thread one by one,
+    # not wait behind it (as they would, some of them, if each thread were dealt its share up front).
+    others_done, lock, finished = threading.Event(), threading.Lock(), []
+
+    def call(index: int) -> object:
+        if index == 0:
+            return others_done.wait(10)
+        with lock:
+            finished.append(threading.current_thread().name)
+            if len(finished) == 9:
+                others_done.set()
+        return index
+
+    async def scenario() -> None:
+        pool = DecodePool(2)
+        try:
+            assert await pool.starmap(call, [(i,) for i in range(10)]) == [True, *range(1, 10)]
+            assert len(set(finished)) == 1
+        finally:
+            pool.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_starmap_returns_only_once_its_calls_have_finished():
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait(10)
+
+    async def scenario() -> None:
+        pool = DecodePool(2)
+        try:
+            task = asyncio.create_task(pool.starmap(block, [(), ()]))
+            while not started.is_set():
+                await asyncio.sleep(0.001)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            assert not task.done()  # a caller's slots must not be freed while a thread still writes them
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            pool.shutdown()
+
+    asyncio.run(scenario())
