@@ -100,25 +100,28 @@ def test_a_slow_call_holds_up_none_of_the_calls_after_it():
     asyncio.run(scenario())
 
 
-def test_a_cancelled_starmap_returns_only_once_its_calls_have_finished():
-    started, release = threading.Event(), threading.Event()
+def test_a_cancelled_starmap_starts_no_more_calls_and_returns_once_those_running_have_finished():
+    running, release, ran = threading.Semaphore(0), threading.Event(), []
 
-    def block() -> None:
-        started.set()
+    def call(index: int) -> None:
+        ran.append(index)
+        running.release()
         release.wait(10)
 
     async def scenario() -> None:
         pool = DecodePool(2)
         try:
-            task = asyncio.create_task(pool.starmap(block, [(), ()]))
-            while not started.is_set():
-                await asyncio.sleep(0.001)
+            task = asyncio.create_task(pool.starmap(call, [(i,) for i in range(8)]))
+            for _ in range(2):  # both threads are in a call
+                while not running.acquire(blocking=False):
+                    await asyncio.sleep(0.001)
             task.cancel()
             await asyncio.sleep(0.05)
             assert not task.done()  # a caller's slots must not be freed while a thread still writes them
             release.set()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            assert sorted(ran) == [0, 1]
         finally:
             pool.shutdown()
 
