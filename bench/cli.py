@@ -18,7 +18,7 @@ from bench.explain_cost import measure
 from bench.host_path import measure as measure_host_path
 from bench.host_path import trivial_model
 from bench.hostile import measure as measure_hostile
-from bench.machine import Machine, describe_cpu
+from bench.machine import Machine, describe_host
 from bench.plot import plot_result
 from bench.preprocess_speed import measure as measure_preprocessing
 from bench.raw_limit import best_layout, device_of, provider_for
@@ -47,7 +47,7 @@ def _sample_images() -> list[bytes]:
 
 def print_machine(machine: Machine) -> None:
     flags = ", ".join(machine.kernel_flags) or "none of note"
-    print(f"machine: {machine.cpu}, {machine.cores} cores; kernel flags: {flags}")
+    print(f"machine: {machine.cpu}, {machine.cores} cores; kernel flags: {flags}; {machine.python}")
     peaks = ", ".join(f"{precision} {value:.0f} G op/s" for precision, value in machine.peaks.items())
     if machine.gpu:
         print(f"GPU: {machine.gpu}; GEMM peaks (onnxruntime CUDA, one session): {peaks}")
@@ -166,10 +166,7 @@ def host_path_command(args: argparse.Namespace) -> int:
     image = _photo_jpeg("astronaut", (args.upload_side, args.upload_side))
     levels = _levels(args.concurrency)
     cores = available_cores()
-    print(
-        f"machine: {describe_cpu()}, {cores} cores; "
-        f"model {Manifest.read(model).name}, one {len(image)}-byte JPEG per request"
-    )
+    print(f"machine: {describe_host(cores)}; model {Manifest.read(model).name}, one {len(image)}-byte JPEG per request")
     print(
         f"{'front-ends':>10} {'conc':>5} {'req/s':>8} {'server CPU ms/req':>18} {'engine CPU us/img':>18} {'errors':>6}"
     )
@@ -198,7 +195,7 @@ def engine_command(args: argparse.Namespace) -> int:
     """The engine alone, fed by the bench as front-end 0: images/s and its own CPU per image."""
     model = args.model or trivial_model(args.out / "trivial")
     image = _photo_jpeg("astronaut", (args.upload_side, args.upload_side))
-    print(f"machine: {describe_cpu()}, {available_cores()} cores; model {Manifest.read(model).name}")
+    print(f"machine: {describe_host(available_cores())}; model {Manifest.read(model).name}")
     print(
         f"{'in flight':>9} {'max batch':>9} {'img/s':>9} {'engine CPU us/img':>18} {'copy alone us/img':>18} "
         f"{'mean batch':>10}"
@@ -265,7 +262,7 @@ def burst_command(args: argparse.Namespace) -> int:
     """Clients far over capacity, all at once: how fast the server says no, and that it never says 5xx."""
     image = _photo_jpeg("astronaut", (args.upload_side, args.upload_side))
     rounds = run_burst(args.model, image, args.clients, args.images_per_request, args.rounds)
-    print(f"machine: {describe_cpu()}, {available_cores()} cores")
+    print(f"machine: {describe_host(available_cores())}")
     print(
         f"bursts of {args.clients} clients at once, {args.images_per_request} JPEGs ({len(image)} bytes each) "
         "per request, each burst from an idle server; server-side durations from its access log"
@@ -284,7 +281,7 @@ def hostile_command(args: argparse.Namespace) -> int:
     """The server's CPU per hostile request, against one ordinary classification's: the budgets at work."""
     ordinary = _photo_jpeg("astronaut", (248, 248))
     ordinary_ms, costs = measure_hostile(args.model, ordinary, args.repeats)
-    print(f"machine: {describe_cpu()}, {available_cores()} cores")
+    print(f"machine: {describe_host(available_cores())}")
     print(f"one ordinary classification (a {len(ordinary)}-byte JPEG): {ordinary_ms:.2f} ms of server CPU")
     print(f"{'case':42} {'answer':>26} {'CPU ms':>8} {'x ordinary':>10}")
     for cost in costs:

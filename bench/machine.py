@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ class Machine:
     kernel_flags: list[str]
     gpu: str | None  # the CUDA device the bench ran on; None on CPU
     peaks: dict[str, float]  # giga-operations/s of a GEMM in each precision, every core or the GPU busy
+    python: str  # describe_python()
 
     @property
     def has_vnni(self) -> bool:
@@ -60,6 +63,17 @@ def describe_cpu() -> str:
     """The processor's name and the flags that pick onnxruntime's matrix kernels."""
     name, flags = cpu_info()
     return f"{name} ({', '.join(flags) or 'no kernel flags of note'})"
+
+
+def describe_python() -> str:
+    """The interpreter every Python server in the bench runs on, and where it lives: its build moves
+    their figures (a PGO build served the default model 11% faster than one without, and mosec 4%)."""
+    return f"{platform.python_implementation()} {platform.python_version()} ({os.path.realpath(sys.executable)})"
+
+
+def describe_host(cores: int) -> str:
+    """The processor, the cores the bench may use, and the interpreter."""
+    return f"{describe_cpu()}, {cores} cores; {describe_python()}"
 
 
 def gpu_name() -> str:
@@ -111,4 +125,4 @@ def describe(cores: int, seconds: float, provider: str) -> Machine:
     cpu, flags = cpu_info()
     device = device_of(provider)
     peaks = {precision: gemm_peak(precision, cores, seconds, provider) for precision in PEAK_PRECISIONS[device]}
-    return Machine(cpu, cores, flags, gpu_name() if device == "cuda" else None, peaks)
+    return Machine(cpu, cores, flags, gpu_name() if device == "cuda" else None, peaks, describe_python())

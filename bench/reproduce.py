@@ -39,7 +39,7 @@ def summary_table(results: list[BenchResult]) -> str:
     device = f"{machine.gpu} (onnxruntime CUDA), host {machine.cpu}" if machine.gpu else machine.cpu
     lines = [
         f"Machine: {device}, {machine.cores} cores, kernel flags {', '.join(machine.kernel_flags) or 'none of note'}; "
-        f"GEMM peaks (G op/s): {peaks}.",
+        f"GEMM peaks (G op/s): {peaks}; {machine.python}.",
         "",
         "| model | raw limit (layout) | service (its level, mean batch, front-ends' loop lag) | baseline "
         "| service / limit | service / baseline | overhead at c=1 | limit / peak |",

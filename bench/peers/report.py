@@ -179,7 +179,7 @@ class PeersResult:
         gpu = f"; GPU {machine['gpu']}" if machine.get("gpu") else ""
         lines = [
             f"Model {self.model} ({self.variant}) on {self.device}: {machine['cpu']}, {machine['cores']} cores{gpu}; "
-            f"onnxruntime {self.onnxruntime}.",
+            f"onnxruntime {self.onnxruntime}; {machine['python']}.",
             f"Each request: {self.images_per_request} x {self.upload}. Raw onnxruntime in the peers' layout "
             f"({self.limit_layout}), no HTTP: {self.limit_images_per_s:.1f} images/s.",
             self._rounds_words(),

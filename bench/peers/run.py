@@ -36,7 +36,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from bench.cpu import is_running, process_tree, process_tree_cpu_seconds
-from bench.machine import cpu_info, gpu_name
+from bench.machine import cpu_info, describe_python, gpu_name
 from bench.peers import ENTRIES, Peer, installed, load, multipart_request, results_top1
 from bench.peers.common import free_port
 from bench.peers.report import SERVICE, Gate, Level, PeersResult, System, check_gate
@@ -287,7 +287,13 @@ def run_peers(
         model=manifest.name,
         variant=manifest.variant,
         device=device,
-        machine={"cpu": cpu, "cores": cores, "kernel_flags": flags, "gpu": gpu_name() if device == "cuda" else None},
+        machine={
+            "cpu": cpu,
+            "cores": cores,
+            "kernel_flags": flags,
+            "gpu": gpu_name() if device == "cuda" else None,
+            "python": describe_python(),
+        },
         onnxruntime=ort.__version__,
         upload=upload_words,
         images_per_request=images_per_request,

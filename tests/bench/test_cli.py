@@ -23,6 +23,7 @@ def test_run_measures_the_limit_the_service_and_the_baseline(tmp_path):
     assert (tmp_path / "fashion-mnist-vit.png").stat().st_size > 10_000
     assert result["machine"]["peaks"]["fp32"] > 0 and result["machine"]["peaks"]["int8"] > 0
     assert result["machine"]["gpu"] is None and result["limit_device_input"] is None
+    assert result["machine"]["python"].endswith(f"({Path(sys.executable).resolve()})")
     assert [(r["system"], r["concurrency"]) for r in result["http"]] == [
         ("service", 1),
         ("service", 4),

@@ -29,7 +29,13 @@ def _result() -> PeersResult:
         model="fashion-mnist-vit",
         variant="fp32",
         device="cpu",
-        machine={"cpu": "Some CPU", "cores": 2, "kernel_flags": ["avx2"], "gpu": None},
+        machine={
+            "cpu": "Some CPU",
+            "cores": 2,
+            "kernel_flags": ["avx2"],
+            "gpu": None,
+            "python": "CPython 3.11.7 (/usr/bin/python3.11)",
+        },
         onnxruntime="1.0",
         upload="248x248 JPEG (20000 bytes)",
         images_per_request=1,
@@ -138,6 +144,7 @@ def test_over_rounds_the_ratio_is_the_median_of_each_rounds_own():
     assert (row["service_images_per_s"], row["best_peer_images_per_s"]) == (600.0, 500.0)
     table = result.markdown()
     assert "3 rounds: in each, each server started, timed at every level and stopped in turn" in table
+    assert "; CPython 3.11.7 (/usr/bin/python3.11)." in table
     assert "| server | concurrency | median of 3 rounds: images/s |" in table
     assert "| 16 | 600.0 | mosec | 500.0 | 1.12x | 50.0 / 50.0 | 0.80-1.20x | 2 of 3 rounds |" in table
 

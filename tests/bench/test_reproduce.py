@@ -3,7 +3,8 @@ from bench.raw_limit import Layout
 from bench.reproduce import summary_table
 from bench.throughput import BenchResult, HttpResult
 
-H200 = Machine("AMD EPYC", 16, ["avx512f"], "NVIDIA H200", {"fp32": 50_000.0, "fp16": 600_000.0})
+PEAKS = {"fp32": 50_000.0, "fp16": 600_000.0}
+H200 = Machine("AMD EPYC", 16, ["avx512f"], "NVIDIA H200", PEAKS, "CPython 3.12.3 (/usr/bin/python3.12)")
 
 
 def _result() -> BenchResult:
@@ -19,7 +20,7 @@ def _result() -> BenchResult:
 
 def test_the_summary_gives_the_best_levels_batch_and_loop_lag_beside_the_ratios():
     table = summary_table([_result()])
-    assert "NVIDIA H200" in table
+    assert "NVIDIA H200" in table and "; CPython 3.12.3 (/usr/bin/python3.12)." in table
     row = next(line for line in table.splitlines() if line.startswith("| vit-b-fp16"))
     assert "3000.0 img/s (c=64, batch 31.2, lag 7.2 ms)" in row
     assert "| 0.75× |" in row and "| 7.50× |" in row  # service / limit, service / baseline
