@@ -67,7 +67,7 @@ def describe_cpu() -> str:
 
 def describe_python() -> str:
     """The interpreter every Python server in the bench runs on, and where it lives: its build moves
-    their figures (a PGO build served the default model 11% faster than one without, and mosec 4%)."""
+    their figures (a PGO build served the default model 6-11% faster than one without, mosec 4%)."""
     return f"{platform.python_implementation()} {platform.python_version()} ({os.path.realpath(sys.executable)})"
 
 
