@@ -59,8 +59,8 @@ class DecodePool:
     async def starmap(self, function: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> list[T | Exception]:
         """`function(*args)` for each of `calls`, in order: its result, or the exception it raised.
         Each thread's job takes the next call as it finishes one, so a slow call holds up no other.
-        Cancelled (the client left, the deadline passed), it starts no more calls, and returns once
-        those running have finished: callers write shared memory."""
+        Cancelled (the request's deadline passed), it starts no more calls, and returns once those
+        running have finished: callers write shared memory."""
         outcomes: list[Any] = [None] * len(calls)
         claims = iter(range(len(calls)))  # next() on it is one C call, atomic under the GIL
 
