@@ -21,6 +21,22 @@ from model_export.fashion_mnist import LABELS, load_split
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Of a server's output, what a failing test's report shows.
+SERVER_LOG_TAIL_CHARS = 20_000
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test's report carries the output of every server it used: a 500 there is one
+    line in the test, and its traceback is in the server's log."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, ServerProcess):
+                report.sections.append((f"server log: {name}", value.log[-SERVER_LOG_TAIL_CHARS:]))
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     """The default model served with default settings, shared by the read-only HTTP tests."""
