@@ -56,13 +56,20 @@ class DecodePool:
                 result, error = None, exc
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-    async def starmap(self, function: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> list[T | Exception]:
+    async def starmap(
+        self, function: Callable[..., T], calls: Sequence[tuple[Any, ...]], stop: asyncio.Future[Any] | None = None
+    ) -> list[T | Exception | None]:
         """`function(*args)` for each of `calls`, in order: its result, or the exception it raised.
         Each thread's job takes the next call as it finishes one, so a slow call holds up no other.
-        Cancelled (the request's deadline passed), it starts no more calls, and returns once those
-        running have finished: callers write shared memory."""
+        Once `stop` is done (the client left) no more calls start, and theirs are None. Cancelled
+        (the request's deadline passed), it starts no more either. Either way it returns, or
+        raises, only once the calls running have finished: callers write shared memory."""
         outcomes: list[Any] = [None] * len(calls)
         claims = iter(range(len(calls)))  # next() on it is one C call, atomic under the GIL
+
+        def skip_the_rest(_: object = None) -> None:
+            for _ in claims:  # taken here, so no thread starts them
+                pass
 
         def take_calls_in_turn() -> None:
             for index in claims:
@@ -72,13 +79,17 @@ class DecodePool:
                     outcomes[index] = exc
 
         jobs = asyncio.gather(*(self.submit(take_calls_in_turn) for _ in range(min(len(self._threads), len(calls)))))
+        if stop is not None:
+            stop.add_done_callback(skip_the_rest)  # one already done: called at the loop's next turn
         try:
             await asyncio.shield(jobs)
         except asyncio.CancelledError:
-            for _ in claims:  # taken here, so no thread starts them
-                pass
+            skip_the_rest()
             await jobs
             raise
+        finally:
+            if stop is not None:
+                stop.remove_done_callback(skip_the_rest)
         return outcomes
 
     def shutdown(self) -> None:

@@ -154,7 +154,8 @@ class EngineClient:
         deadline, which `admitted` keeps). Uploads are decoded here; float32 (C, H, W) arrays
         are already-normalised rows (the OIP FP32 input). Typed errors: the first bad upload
         (naming its part), 429 when more images came than were admitted and there is no room,
-        499 when the client left (`gone`: resolved when its connection ends)."""
+        499 when the client left (`gone`: resolved when its connection ends), noticed while its
+        images decode too: those not yet started are never decoded."""
         admission.body_read()
         graph = Graph.EXPLAIN if explain else Graph.PLAIN
         if self.info is not None and not self.info.has(graph):
@@ -167,7 +168,7 @@ class EngineClient:
         slots = [next(images) if isinstance(item, Upload) else next(tensors) for item in inputs]
         submission = Submission(graph, admission.deadline, slots)
         try:
-            decode_s = await self._fill(inputs, slots)
+            decode_s = await self._fill(inputs, slots, gone)
             self.link.submit(submission)
             await self._wait(submission, gone)
             answer = self._read(submission, decode_s, with_pixels=explain)
@@ -176,7 +177,9 @@ class EngineClient:
         self.metrics.images.inc(len(slots))
         return answer
 
-    async def _fill(self, inputs: Sequence[Upload | np.ndarray], slots: list[int]) -> float:
+    async def _fill(
+        self, inputs: Sequence[Upload | np.ndarray], slots: list[int], gone: asyncio.Future[None] | None
+    ) -> float:
         """Write every input into its slot; the slowest decode's seconds. Every decode finishes
         before this returns or raises: a slot is never freed while a thread still writes it."""
         if len(inputs) == 1 and isinstance(inputs[0], Upload) and self.decoder.is_quick(inputs[0].data):
@@ -192,10 +195,16 @@ class EngineClient:
                 uploads.append((item, slot))
             else:
                 self.ring.tensors[self.ring.tensor_index(slot)] = item
+        # A body of many large uploads decodes for a second or more: stop once nobody will read it.
+        outcomes = await self._decode_pool.starmap(self._decode, uploads, stop=gone)
+        if gone is not None and gone.done():
+            self._count_client_left()
+            raise ClientDisconnected("the client closed the connection while its images were decoding")
         seconds = []
-        for outcome in await self._decode_pool.starmap(self._decode, uploads):
+        for outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome  # the first bad upload, in the request's order
+            assert outcome is not None  # skipped only once the client left, which raised above
             seconds.append(outcome)
         return max(seconds, default=0.0)
 
@@ -222,8 +231,11 @@ class EngineClient:
 
     def _client_left(self, submission: Submission, _: object = None) -> None:
         if not submission.outcome.done():
-            self.metrics.rejections.labels(reason="client_disconnected").inc()
+            self._count_client_left()
             submission.fail(ClientDisconnected("the client closed the connection before its answer"))
+
+    def _count_client_left(self) -> None:
+        self.metrics.rejections.labels(reason="client_disconnected").inc()
 
     def _read(self, submission: Submission, decode_s: float, with_pixels: bool) -> Answer:
         assert self.info is not None

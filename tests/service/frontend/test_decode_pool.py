@@ -100,27 +100,38 @@ def test_a_slow_call_holds_up_none_of_the_calls_after_it():
     asyncio.run(scenario())
 
 
-def test_a_cancelled_starmap_starts_no_more_calls_and_returns_once_those_running_have_finished():
+@pytest.mark.parametrize("stopped_by", ["cancel", "stop"])
+def test_a_stopped_starmap_starts_no_more_calls_and_returns_once_those_running_have_finished(stopped_by):
+    """Cancelled (a deadline) it raises; its `stop` done (the client left) it returns None for the
+    calls it skipped. Either way, only once the running calls are over."""
     running, release, ran = threading.Semaphore(0), threading.Event(), []
 
-    def call(index: int) -> None:
+    def call(index: int) -> int:
         ran.append(index)
         running.release()
         release.wait(10)
+        return index
 
     async def scenario() -> None:
         pool = DecodePool(2)
         try:
-            task = asyncio.create_task(pool.starmap(call, [(i,) for i in range(8)]))
+            stop = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(pool.starmap(call, [(i,) for i in range(8)], stop=stop))
             for _ in range(2):  # both threads are in a call
                 while not running.acquire(blocking=False):
                     await asyncio.sleep(0.001)
-            task.cancel()
+            if stopped_by == "cancel":
+                task.cancel()
+            else:
+                stop.set_result(None)
             await asyncio.sleep(0.05)
             assert not task.done()  # a caller's slots must not be freed while a thread still writes them
             release.set()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            if stopped_by == "cancel":
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                assert await task == [0, 1, *[None] * 6]
             assert sorted(ran) == [0, 1]
         finally:
             pool.shutdown()

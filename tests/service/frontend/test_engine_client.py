@@ -49,10 +49,15 @@ class FakeEngine:
     """The engine's side of the socket, played by the test: it welcomes the client, reads its
     SUBMITs, and answers each slot with its input's first value as every logit."""
 
-    def __init__(self, manifest: Manifest, tensor_slots: int) -> None:
+    def __init__(self, manifest: Manifest, tensor_slots: int, images_per_request: int = 1) -> None:
         self.ring = Ring.create(RingLayout.for_model(manifest, 1, 8, tensor_slots))
         self.classes = manifest.num_classes
-        self.settings = Settings(frontend_processes=1, max_queue_images=8, max_images_per_request=1)
+        self.settings = Settings(
+            frontend_processes=1,
+            max_queue_images=8,
+            max_images_per_request=images_per_request,
+            preprocess_threads=2,
+        )
         self.address = f"\0vit-engine-client-test-{os.getpid()}"
         lifecycle = Lifecycle(self.settings.retry_after_s, lambda: None, lambda _: None)
         decoder = Decoder(manifest.preprocessing, self.settings.max_image_pixels)
@@ -191,6 +196,48 @@ def test_a_request_cancelled_while_its_image_decodes_holds_the_slot_until_the_de
         with pytest.raises(asyncio.CancelledError):
             await running
         assert fake.ring.admitted[0] == 0
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.get_running_loop().sock_recv(engine, MAX_MESSAGE), 0.2)
+
+    serve(fake, scenario)
+
+
+def test_a_client_that_leaves_while_its_images_decode_gets_499_and_no_further_image_is_decoded(manifest):
+    """Each decode thread finishes the image it holds (a slot is never freed mid-write); the other
+    uploads are never decoded and nothing reaches the engine."""
+    fake = FakeEngine(manifest, tensor_slots=0, images_per_request=6)
+    started: list[int] = []
+    both_busy, release = threading.Event(), threading.Event()
+
+    class SlowDecoder(Decoder):
+        def decode_into(self, data: bytes, out: np.ndarray) -> None:
+            started.append(int(data))
+            if len(started) == 2:
+                both_busy.set()
+            release.wait(10)
+            out[...] = 7
+
+    fake.client.decoder = SlowDecoder(manifest.preprocessing, fake.settings.max_image_pixels)
+
+    async def scenario(engine: socket.socket) -> None:
+        closed = Connection()
+
+        async def request() -> None:
+            async with fake.client.admitted(None, time.monotonic() + 30) as admission:
+                uploads = [Upload(f"{i}.jpg", str(i).encode()) for i in range(6)]
+                await fake.client.run(admission, uploads, gone=closed)
+
+        running = asyncio.create_task(request())
+        assert await asyncio.to_thread(both_busy.wait, 10)
+        closed.set_result(None)
+        await asyncio.sleep(0.05)
+        assert not running.done() and fake.ring.admitted[0] == 6  # held while the threads write
+        release.set()
+        with pytest.raises(ClientDisconnected):
+            await running
+        assert sorted(started) == [0, 1] and fake.ring.admitted[0] == 0
+        (left,) = [s for s in fake.client.metrics.rejections.collect()[0].samples if s.name.endswith("_total")]
+        assert left.labels == {"reason": "client_disconnected"} and left.value == 1
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.get_running_loop().sock_recv(engine, MAX_MESSAGE), 0.2)
 
