@@ -68,6 +68,8 @@ def main() -> int:
     settings, manifest, layout = boot.typed()
     configure_logging(settings.log_level, settings.log_format, boot.name)
     metrics = FrontendMetrics()
+    decoder = Decoder.from_settings(manifest.preprocessing, settings)
+    decoder.warm_up()
     lifecycle = Lifecycle(
         settings.retry_after_s, metrics.rejections.labels(reason="draining").inc, metrics.in_flight.set
     )
@@ -76,7 +78,7 @@ def main() -> int:
         boot.partition,
         boot.engine_address,
         settings,
-        Decoder.from_settings(manifest.preprocessing, settings),
+        decoder,
         lifecycle,
         metrics,
     )

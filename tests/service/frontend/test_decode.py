@@ -1,4 +1,7 @@
 import io
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -8,7 +11,7 @@ from PIL import Image, ImageOps
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
 from service.frontend.decode import QUICK_BYTES, QUICK_PIXELS, Decoder, read_jpeg_header
-from tests.conftest import encode, png_declaring
+from tests.conftest import REPO, encode, png_declaring
 
 GREY = Preprocessing(image_size=28, resize_size=28, interpolation="bilinear", mean=[0.286], std=[0.353], color_mode="L")
 RGB = Preprocessing(image_size=32, resize_size=36, interpolation="bicubic", mean=[0.5] * 3, std=[0.25] * 3)
@@ -229,3 +232,23 @@ def test_decode_into_writes_the_callers_buffer():
     slot = np.zeros((2, *decoder.shape), dtype=np.uint8)
     decoder.decode_into(encode(_gradient(40, 40), "PNG"), slot[1])
     assert slot[0].max() == 0 and slot[1].max() > 0
+
+
+def test_warm_up_loads_every_format_plugin_before_the_first_upload():
+    """In a fresh interpreter, as a front-end starts: no decode thread imports a plugin afterwards."""
+    program = (
+        "import json, sys\n"
+        "from model_export.manifest import Manifest\n"
+        "from service.frontend.decode import Decoder\n"
+        "from service.settings import DEFAULT_MODEL_DIR\n"
+        "plugins = lambda: sorted(m for m in sys.modules if m.startswith('PIL.') and m.endswith('ImagePlugin'))\n"
+        "decoder = Decoder(Manifest.read(DEFAULT_MODEL_DIR).preprocessing, 10**8)\n"
+        "before = plugins()\n"
+        "decoder.warm_up()\n"
+        "print(json.dumps([before, plugins()]))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO, check=True)
+    before, after = json.loads(ran.stdout)
+    formats = {"Jpeg", "Png", "Gif", "WebP", "Tiff", "Bmp"}
+    assert not formats <= {name.removeprefix("PIL.").removesuffix("ImagePlugin") for name in before}
+    assert formats <= {name.removeprefix("PIL.").removesuffix("ImagePlugin") for name in after}
