@@ -72,6 +72,9 @@ class OnnxBackend:
                 raise StartupError(message)
             logger.warning(message)
         self.on_cuda = active == CUDA
+        # Where runs bind their outputs (IO binding), or None for plain runs: on CUDA only, where
+        # it saves the staging copies. The same path binds to "cpu" on any host, as CI tests it.
+        self.output_device: str | None = "cuda" if self.on_cuda else None
         self.output_names = self._check_io_names(first)
         self.workers = workers or settings.resolved_session_workers(self.on_cuda)
         shared = settings.resolved_shared_session(onnx_path.stat().st_size)
@@ -130,7 +133,7 @@ class OnnxBackend:
 
     def _run(self, session: ort.InferenceSession, pixels: np.ndarray, tensors: np.ndarray) -> list[np.ndarray]:
         feeds = dict(zip(self.manifest.input_names, (pixels, tensors), strict=True))
-        if not self.on_cuda:
+        if self.output_device is None:
             return session.run(self.output_names, feeds)
         # IO binding: one host-to-device copy in (uint8 pixels: a quarter of float32's bytes), the
         # outputs allocated on the device and copied back once, instead of run()'s staging copies.
@@ -138,7 +141,7 @@ class OnnxBackend:
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         for name in self.output_names:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, self.output_device)
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 

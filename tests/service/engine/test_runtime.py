@@ -52,3 +52,21 @@ def test_warm_up_runs_every_batch_size_and_reports_each_outputs_row(backend):
     assert backend.workers == WORKERS
     rows = backend.warm_up([1, 3, 8], (28, 28, 1))
     assert rows == [("logits", (MANIFEST.num_classes,)), ("embedding", (MANIFEST.config["embed_dim"],))]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_the_io_binding_path_answers_what_a_plain_run_answers(backend, batch):
+    """The path a CUDA session takes, bound to the host here: pixel rows and tensor rows, every output."""
+    rng = np.random.default_rng(batch)
+    pixels = rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)
+    tensors = rng.standard_normal((batch // 2, 1, 28, 28), dtype=np.float32)
+    assert backend.output_device is None  # plain runs on a CPU session
+    plain = backend.predict(pixels, tensors)
+    backend.output_device = "cpu"
+    try:
+        bound = backend.predict(pixels, tensors)
+    finally:
+        backend.output_device = None
+    for name, want, have in zip(backend.output_names, plain, bound, strict=True):
+        assert have.shape == want.shape == (batch + batch // 2, *want.shape[1:]), name
+        np.testing.assert_array_equal(have, want, err_msg=name)
