@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.raw_limit import open_session
 from model_export.manifest import Manifest
-from service.engine.runtime import CPU, CUDA
+from service.engine.runtime import CPU, CUDA, run_session
 from service.frontend.decode import Decoder
 from service.frontend.results import top_k
 from service.settings import Settings
@@ -93,7 +93,7 @@ class OnnxClassifier:
         self.decoder = decoder_for(self.manifest)
         # As the service lays its sessions out: one intra-op thread each.
         self.session = open_session(model_dir / self.manifest.onnx_file, 1, CUDA if device == "cuda" else CPU)
-        self.on_cuda = device == "cuda"
+        self.output_device = "cuda" if device == "cuda" else None
         self.no_tensors = np.empty((0, prep.channels, prep.image_size, prep.image_size), dtype=np.float32)
         self.logits(np.zeros((1, *self.decoder.shape), dtype=np.uint8))  # warm-up
 
@@ -103,16 +103,8 @@ class OnnxClassifier:
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, C) -> float32 (B, classes)."""
         feeds = dict(zip(self.manifest.input_names, (pixels, self.no_tensors), strict=True))
-        logits_name = self.manifest.output_names[0]
-        if not self.on_cuda:
-            return self.session.run([logits_name], feeds)[0]
-        # As the service runs on CUDA: one copy in, the output allocated on the device, one copy out.
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        binding.bind_output(logits_name, "cuda")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        # As the service runs: on CUDA through IO binding, one copy in and one out.
+        return run_session(self.session, feeds, self.manifest.output_names[:1], self.output_device)[0]
 
     def top_k(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, classes) logits -> class ids (B, k) and softmax scores (B, k): the service's top-k."""

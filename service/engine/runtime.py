@@ -133,17 +133,7 @@ class OnnxBackend:
 
     def _run(self, session: ort.InferenceSession, pixels: np.ndarray, tensors: np.ndarray) -> list[np.ndarray]:
         feeds = dict(zip(self.manifest.input_names, (pixels, tensors), strict=True))
-        if self.output_device is None:
-            return session.run(self.output_names, feeds)
-        # IO binding: one host-to-device copy in (uint8 pixels: a quarter of float32's bytes), the
-        # outputs allocated on the device and copied back once, instead of run()'s staging copies.
-        binding = session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        for name in self.output_names:
-            binding.bind_output(name, self.output_device)
-        session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        return run_session(session, feeds, self.output_names, self.output_device)
 
     def warm_up(self, batch_sizes: list[int], pixel_shape: tuple[int, int, int]) -> list[tuple[str, tuple[int, ...]]]:
         """A real forward pass at each batch size on each session; returns each output's name and
@@ -162,6 +152,24 @@ class OnnxBackend:
             for session in sessions:
                 self._free.put(session)
         return [(name, tuple(output.shape[1:])) for name, output in zip(self.output_names, outputs, strict=True)]
+
+
+def run_session(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], output_names: list[str], output_device: str | None
+) -> list[np.ndarray]:
+    """One forward pass on host arrays, these outputs copied back to the host. With an output
+    device, through IO binding: one host-to-device copy in (uint8 pixels: a quarter of float32's
+    bytes), the outputs allocated on the device and copied back once, instead of run()'s staging
+    copies."""
+    if output_device is None:
+        return session.run(output_names, feeds)
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    for name in output_names:
+        binding.bind_output(name, output_device)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
 
 
 def row_size(rows: list[tuple[str, tuple[int, ...]]]) -> int:
