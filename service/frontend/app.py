@@ -49,6 +49,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         info = await engine.start(ENGINE_WAIT_S)
+        if hot_routes.defer_to_telemetry():
+            logger.info("OpenTelemetry is on: the inference routes go through FastAPI's stack, which traces them")
         metrics.model_info.labels(model=manifest.name, provider=info.provider, variant=manifest.variant).set(1)
         settle_heap()
         lag = asyncio.create_task(loop_lag.watch(metrics.loop_lag_seconds.observe), name="loop-lag")
@@ -89,7 +91,8 @@ def create_app(
     async def prometheus() -> Response:
         return Response(render(metrics_dir), media_type=CONTENT_TYPE_LATEST)
 
-    served: ASGIApp = HotRoutes(app, inference_routes([classify.router, embed.router, v2.router]))
+    hot_routes = HotRoutes(app, inference_routes([classify.router, embed.router, v2.router]))
+    served: ASGIApp = hot_routes
     if settings.cors_origin_list:
         served = CORSMiddleware(
             served,

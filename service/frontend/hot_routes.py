@@ -6,6 +6,10 @@ request handler: about a tenth of a front-end's CPU per request (trivial graph, 
 2 front-ends: 2.13 against 2.37 ms, four runs of each). These endpoints take the bare request and
 their path parameters and raise typed errors, so a POST to one of them goes to it directly, and
 an error is answered by the same `error_response` as FastAPI's handlers.
+
+Once FastAPI's OpenTelemetry is on (a tracer, meter or logger provider configured, as FastAPI does
+from the environment when its lifespan starts), they go through FastAPI too: its stack is what
+opens a request's span, continues a gateway's trace and records its HTTP metrics.
 """
 
 from __future__ import annotations
@@ -37,13 +41,27 @@ def inference_routes(routers: Iterable[APIRouter]) -> list[APIRoute]:
     return routes
 
 
+def fastapi_telemetry_on(app: FastAPI) -> bool:
+    """Whether FastAPI traces, meters or logs its requests through OpenTelemetry."""
+    # FastAPI has no public query for this: its own check, on the versions that have one.
+    telemetry = getattr(app, "_native_telemetry", None)
+    return telemetry is not None and bool(telemetry.enabled())
+
+
 class HotRoutes:
     def __init__(self, app: FastAPI, routes: list[APIRoute]) -> None:
         self.app = app
         self.routes = routes
+        self.taking = True
+
+    def defer_to_telemetry(self) -> bool:
+        """Leave the inference routes to FastAPI if its OpenTelemetry is on; True if so. Called
+        once the lifespan has started, when FastAPI has configured it."""
+        self.taking = not fastapi_telemetry_on(self.app)
+        return not self.taking
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if self.taking and scope["type"] == "http" and scope["method"] == "POST":
             if self.app.root_path:  # as FastAPI sets it: the routes match the path below it
                 scope["root_path"] = self.app.root_path
             for route in self.routes:

@@ -1,5 +1,6 @@
 """The inference routes are answered ahead of FastAPI's stack, so they may declare nothing that
-FastAPI would have checked for them, and a fault in one is answered as FastAPI's handlers would."""
+FastAPI would have checked for them, a fault in one is answered as FastAPI's handlers would, and
+they are left to FastAPI once its OpenTelemetry is on (tests/service/test_tracing.py serves it)."""
 
 import threading
 from collections.abc import Iterator
@@ -8,11 +9,19 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
+from opentelemetry.sdk.trace import TracerProvider
 
 from service.errors import install_error_handlers
 from service.frontend.hot_routes import HotRoutes, inference_routes
 from service.frontend.routes import classify, embed, v2
 from tests.conftest import wait_for
+
+
+def test_fastapis_opentelemetry_takes_the_inference_routes_back():
+    plain = HotRoutes(FastAPI(), [])
+    assert not plain.defer_to_telemetry() and plain.taking
+    traced = HotRoutes(FastAPI(telemetry={"tracer_provider": TracerProvider()}), [])
+    assert traced.defer_to_telemetry() and not traced.taking
 
 
 def test_the_inference_routes_are_the_three_posts():
