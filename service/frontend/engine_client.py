@@ -28,6 +28,7 @@ from service.frontend.body import BodyClock
 from service.frontend.decode import Decoder
 from service.frontend.decode_pool import DecodePool
 from service.frontend.engine_link import EngineInfo, EngineLink, Submission
+from service.frontend.spans import annotate
 from service.frontend.uploads import Upload
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
@@ -175,6 +176,7 @@ class EngineClient:
         finally:
             self.link.give_back(submission)
         self.metrics.images.inc(len(slots))
+        annotate(answer)
         return answer
 
     async def _fill(

@@ -1,5 +1,6 @@
 """OpenTelemetry: a server told of a collector by the environment alone traces every route,
-the inference routes included, and continues the trace its caller started (a gateway's)."""
+the inference routes included, continues the trace its caller started (a gateway's), and says
+where an answered request's time went."""
 
 from __future__ import annotations
 
@@ -106,12 +107,22 @@ def test_every_inference_route_is_traced_within_the_callers_trace(traced, collec
             method = client.get if route == "/readyz" else client.post
             response = method(path, headers=headers, **options)
             assert response.status_code == status, response.text
-            if route == "/classify" and status == 200:
-                assert response.json()["results"][0]["predictions"][0]["label"] == samples[0].label
-
             span = collector.server_span(trace_id)
             assert span.parent_id == parent_id
             assert span.name == f"{'GET' if route == '/readyz' else 'POST'} {route}"
             assert span.attributes["http.route"] == route
             assert span.attributes["http.response.status_code"] == status
+
+            # Where an answered request's time went, as its timing headers say it.
+            timed = [s.attributes for s in collector.spans if s.trace_id == trace_id and "vit.images" in s.attributes]
+            assert len(timed) == (status == 200 and route != "/readyz")
+            if timed:
+                (attributes,) = timed
+                assert attributes["vit.images"] == 1
+                for name, header in (("queue_wait", "Queue"), ("inference", "Inference"), ("preprocess", "Preprocess")):
+                    assert attributes[f"vit.{name}_ms"] == pytest.approx(
+                        float(response.headers[f"X-{header}-Time-Ms"]), abs=0.006
+                    )
+            if route == "/classify" and status == 200:
+                assert response.json()["results"][0]["predictions"][0]["label"] == samples[0].label
     assert "the inference routes go through FastAPI's stack" in traced.log
