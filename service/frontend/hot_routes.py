@@ -43,7 +43,8 @@ def inference_routes(routers: Iterable[APIRouter]) -> list[APIRoute]:
 
 def fastapi_telemetry_on(app: FastAPI) -> bool:
     """Whether FastAPI traces, meters or logs its requests through OpenTelemetry."""
-    # FastAPI has no public query for this: its own check, on the versions that have one.
+    # FastAPI has no public query for this: its own check. Should a release move it, the inference
+    # routes go untraced rather than the server failing to start (tests/service/test_tracing.py fails).
     telemetry = getattr(app, "_native_telemetry", None)
     return telemetry is not None and bool(telemetry.enabled())
 
