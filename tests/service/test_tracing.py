@@ -125,4 +125,9 @@ def test_every_inference_route_is_traced_within_the_callers_trace(traced, collec
                     )
             if route == "/classify" and status == 200:
                 assert response.json()["results"][0]["predictions"][0]["label"] == samples[0].label
+        # The service's own metrics and access lines still name each route.
+        counted = client.get("/metrics").text
+        for route, _, status in requests[:-1]:
+            assert f'vit_requests_total{{route="{route}",status="{status}"}}' in counted
     assert "the inference routes go through FastAPI's stack" in traced.log
+    assert '"route": "/v2/models/{name}/infer", "status": 400' in traced.log
