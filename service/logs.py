@@ -1,4 +1,5 @@
-"""Logging: one JSON object per line (or plain text), each with the request ID it belongs to.
+"""Logging: one JSON object per line (or plain text), each with the request ID it belongs to, and
+its trace ID when the request is traced (README, "Tracing").
 
 Records are formatted and written in batches by a thread of their own, a few times a second: an
 event loop never waits for stderr, however slowly its reader drains it, and a busy server makes
@@ -18,14 +19,22 @@ import threading
 import time
 from typing import TextIO
 
+from opentelemetry import trace
+
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 # Attributes every LogRecord has; anything else was passed with extra= and is logged as a field.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
+def current_trace_id() -> str | None:
+    """The trace the current span belongs to, as trace tools show it; None when nothing traces."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
+
+
 class ContextFilter(logging.Filter):
-    """Stamps each record with the request it belongs to and the process that wrote it."""
+    """Stamps each record with the request it belongs to, its trace, and the process that wrote it."""
 
     def __init__(self, process: str) -> None:
         super().__init__()
@@ -33,6 +42,8 @@ class ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        if getattr(record, "trace_id", None) is None:  # the access line brings its own
+            record.trace_id = current_trace_id()
         record.proc = self.process_name
         return True
 

@@ -1,4 +1,5 @@
-"""Per-request context: the request ID, the metrics by route and status, one access-log line."""
+"""Per-request context: the request ID, the metrics by route and status, one access-log line (with
+the trace ID when the request is traced)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from prometheus_client import Counter, Histogram
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.logs import request_id
+from service.logs import current_trace_id, request_id
 from service.metrics import FrontendMetrics
 
 logger = logging.getLogger("service.access")
@@ -42,12 +43,14 @@ class RequestContextMiddleware:
         rid = offered if _SAFE_ID.match(offered) else f"{self._id_prefix}{next(self._id_counter):016x}"
         token = request_id.set(rid)
         status = 500
+        trace_id = None
         started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, trace_id
             if message["type"] == "http.response.start":
                 status = message["status"]
+                trace_id = current_trace_id()  # the request's span is current here, and gone by the access line
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
             await send(message)
 
@@ -69,6 +72,7 @@ class RequestContextMiddleware:
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 2),
                         "client": (scope.get("client") or ("?",))[0],
+                        "trace_id": trace_id,
                     },
                 )
             request_id.reset(token)

@@ -1,10 +1,11 @@
 """OpenTelemetry: a server told of a collector by the environment alone traces every route,
-the inference routes included, continues the trace its caller started (a gateway's), and says
-where an answered request's time went."""
+the inference routes included, continues the trace its caller started (a gateway's), says where
+an answered request's time went, and puts the trace ID on the request's access line."""
 
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ def test_every_inference_route_is_traced_within_the_callers_trace(traced, collec
             assert span.name == f"{'GET' if route == '/readyz' else 'POST'} {route}"
             assert span.attributes["http.route"] == route
             assert span.attributes["http.response.status_code"] == status
+            if route != "/readyz":  # probes are not access-logged
+                access = re.compile(f'"route": "{re.escape(route)}", "status": {status}, .*"trace_id": "{trace_id}"')
+                wait_for(lambda access=access: access.search(traced.log) is not None)
 
             # Where an answered request's time went, as its timing headers say it.
             timed = [s.attributes for s in collector.spans if s.trace_id == trace_id and "vit.images" in s.attributes]
