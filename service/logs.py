@@ -42,7 +42,7 @@ class ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
-        if getattr(record, "trace_id", None) is None:  # the access line brings its own
+        if not hasattr(record, "trace_id"):  # the access line brings its own, None when untraced
             record.trace_id = current_trace_id()
         record.proc = self.process_name
         return True
