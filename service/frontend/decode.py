@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from model_export.manifest import Preprocessing
 from service.errors import CorruptImage, ImageTooLarge, UnsupportedImageFormat
@@ -62,6 +62,16 @@ _UPRIGHT = {
     6: lambda a: np.rot90(a, -1),
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
     8: lambda a: np.rot90(a),
+}
+# The same for a Pillow image.
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
 }
 
 
@@ -120,6 +130,15 @@ def _tiff_orientation(tiff: bytes) -> int:
         if tag == 0x0112 and kind == 3:  # Orientation, a SHORT
             return value if value in _UPRIGHT else 1
     return 1
+
+
+def pillow_orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an image Pillow loaded; 1 when absent or unreadable, as for JPEGs.
+    Read here, not by Pillow's exif_transpose, which raises whatever its TIFF parser meets in a
+    malformed block (struct.error, TypeError, AttributeError) and re-encodes the block besides.
+    A TIFF's own orientation tag Pillow applies as it loads the file, and drops."""
+    exif = image.info.get("exif")
+    return _tiff_orientation(exif.removeprefix(b"Exif\x00\x00")) if isinstance(exif, bytes) else 1
 
 
 def draft_factor(width: int, height: int, target: int) -> int:
@@ -243,7 +262,8 @@ class Decoder:
             if image.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEGs many phones write
                 image.draft(self.prep.color_mode, (self.prep.resize_size, self.prep.resize_size))
             image.load()
-            return self._convert(ImageOps.exif_transpose(image))
+            orientation = pillow_orientation(image)
+            return self._convert(image.transpose(_TRANSPOSE[orientation]) if orientation != 1 else image)
         except (ImageTooLarge, CorruptImage):
             image.close()
             raise

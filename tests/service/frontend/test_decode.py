@@ -212,6 +212,37 @@ def test_every_exif_orientation_turns_the_jpeg_like_pillow(orientation):
     assert np.array_equal(Decoder(RGB, max_pixels=10**8).decode(data), _pillow_reference(data, RGB))
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF", "CMYK JPEG"])
+def test_every_exif_orientation_turns_pillows_formats_like_exif_transpose(fmt, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image = _gradient(60, 30).convert("CMYK") if fmt == "CMYK JPEG" else _gradient(60, 30)
+    data = encode(image, fmt.split()[-1], exif=exif, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert np.array_equal(Decoder(RGB, max_pixels=10**8).decode(data), _pillow_reference(data, RGB))
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"MM\x00*\x00\x00",  # a TIFF header cut before its IFD offset: Pillow raised struct.error
+        b"II*\x00\xff\xff\x00\x00",  # the IFD past the block's end
+        b"MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03",  # five entries promised, one cut short
+        b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x02\x00\x00\x00\x04abc\x00",  # Orientation as text
+        b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x09\x00\x00",  # Orientation 9
+    ],
+)
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "CMYK JPEG", "JPEG"])
+def test_an_unreadable_exif_block_is_ignored_as_browsers_do(fmt, block):
+    """The pixels are sound; only the metadata is not: served as if it had no orientation, not a 500."""
+    image = _gradient(40, 30).convert("CMYK") if fmt == "CMYK JPEG" else _gradient(40, 30)
+    kind = fmt.split()[-1]
+    tagged = encode(image, kind, exif=(b"Exif\x00\x00" if kind == "JPEG" else b"") + block, quality=95)
+    plain = encode(image, kind, quality=95)
+    decode = Decoder(RGB, max_pixels=10**8).decode
+    assert np.array_equal(decode(tagged), decode(plain))
+
+
 def test_cmyk_jpegs_fall_back_to_pillow():
     data = encode(_gradient(50, 40).convert("CMYK"), "JPEG")
     assert np.array_equal(Decoder(RGB, max_pixels=10**8).decode(data), _pillow_reference(data, RGB))

@@ -1,7 +1,8 @@
 """Property-based fuzzing of the decode path: any bytes end in a typed 4xx error or a valid image.
 
 Seeds are real files in every accepted format (including animated, 16-bit and palette images);
-hypothesis truncates, flips bits, splices and prefixes them with magic numbers.
+hypothesis truncates, flips bits, splices and prefixes them with magic numbers. EXIF blocks are
+fuzzed inside otherwise sound files, where a flip of the whole file would rarely reach them.
 """
 
 import numpy as np
@@ -87,6 +88,39 @@ def test_random_bytes_behind_a_real_magic_number(magic, tail):
 @given(width=st.integers(0, 2**31 - 1), height=st.integers(0, 2**31 - 1), payload=st.binary(max_size=64))
 def test_any_declared_size_with_a_tiny_body(width, height, payload):
     _decode_is_safe(png_declaring(width, height, payload))
+
+
+def _exif_block() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    exif[0x010F] = "maker"  # an ASCII tag, whose value lies past the IFD
+    return exif.tobytes()  # "Exif\0\0", then the TIFF structure
+
+
+EXIF = _exif_block()
+# Each format's way in for an EXIF block: PNG's eXIf chunk, WebP's EXIF chunk, a JPEG's APP1 segment
+# (read by the service's own header reader, or by Pillow for CMYK).
+EXIF_CARRIERS = {
+    "PNG": Image.new("RGB", (12, 8), (200, 40, 90)),
+    "WEBP": Image.new("RGB", (12, 8), (200, 40, 90)),
+    "JPEG": Image.new("RGB", (12, 8), (200, 40, 90)),
+    "CMYK JPEG": Image.new("CMYK", (12, 8), (10, 200, 40, 90)),
+}
+
+
+@FUZZ
+@given(
+    carrier=st.sampled_from(sorted(EXIF_CARRIERS)),
+    cut=st.floats(0, 1),
+    flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 7)), max_size=6),
+)
+def test_malformed_exif_blocks(carrier, cut, flips):
+    block = bytearray(EXIF[: 6 + int((len(EXIF) - 6) * cut)])
+    tiff = len(block) - 6
+    for where, bit in flips:
+        if tiff:
+            block[6 + min(int(where * tiff), tiff - 1)] ^= 1 << bit
+    _decode_is_safe(encode(EXIF_CARRIERS[carrier], carrier.split()[-1], exif=bytes(block)))
 
 
 @pytest.mark.parametrize("index", range(len(SEEDS)))
