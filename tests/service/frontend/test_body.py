@@ -17,6 +17,7 @@ LIMITS = BodyLimits(
     max_part_header_bytes=1024,
     max_json_depth=4,
     max_json_values=10,
+    max_json_strings=6,
 )
 
 
@@ -28,13 +29,28 @@ def test_json_within_the_budget_parses():
 
 
 @pytest.mark.parametrize(
+    "body",
+    [b'{"a": "[[[[[[["}', b'{"a": "x\\"[[[[[[{{"}', b'{"a": "\\\\\\"[[[[[["}', b'["]]]]]]", [[[1]]]]'],
+    ids=["brackets", "after an escaped quote", "after an escaped backslash and quote", "closers"],
+)
+def test_brackets_inside_strings_are_not_structure(body):
+    """Not counted against the depth: a valid body is not refused for what its strings hold."""
+    assert load_json(body, LIMITS, "it") is not None
+
+
+@pytest.mark.parametrize(
     ("body", "error", "message"),
     [
         (b"[[[[[1]]]]]", BadRequest, "deeper than 4"),
         (b"[" * 100_000 + b"]" * 100_000, BadRequest, "deeper than 4"),
         (b"[" + b"1," * 10 + b"1]", PayloadTooLarge, "more than 10 JSON values"),
         (b"[[],[],[],[],[],[],[],[],[],[],[]]", PayloadTooLarge, "more than 10 JSON values"),
-        (b'{"a": "[[[[[[["}', BadRequest, "deeper than 4"),  # brackets in strings count: a safe overestimate
+        # Closers inside strings cannot hide real depth, whatever escapes come before them.
+        (b'["]]]]", ["]]]]", ["]]]]", ["]]]]", [["]]]]"]]]]]]', BadRequest, "deeper than 4"),
+        (b'["x\\\\", [[[[1]]]], "]]]]"]', BadRequest, "deeper than 4"),
+        (b'["", "", "", "", "", "", ""]', PayloadTooLarge, "more than 6 JSON strings"),
+        (b'"\\"' * 200_000, PayloadTooLarge, "more than 6 JSON strings"),
+        (b"[" + b"1" * 5000 + b"]", BadRequest, "not valid JSON"),  # past Python's 4,300 digits
         (b'{"a": \xff}', BadRequest, "not valid JSON"),
         (b"[1, 2", BadRequest, "not valid JSON"),
     ],
@@ -47,7 +63,7 @@ def test_json_over_the_budget_or_broken_is_refused_before_it_is_built(body, erro
 def test_a_list_of_encoded_images_may_hold_two_commas_an_image_whatever_the_tensor_budget():
     """The OIP's budget allows a full FP32 request (here 100,000 values); {"images": [...]} needs
     a value and at most a data URL's comma an image, and gets no more than that and the slack."""
-    tensors = BodyLimits(1 << 24, 4, 2, 1024, 4, max_json_values=100_000)
+    tensors = BodyLimits(1 << 24, 4, 2, 1024, 4, max_json_values=100_000, max_json_strings=4096)
     images = tensors.for_encoded_images()
     data_urls = b'{"images": [' + b", ".join([b'"data:image/jpeg;base64,AAAA"'] * 4) + b"]}"
     assert len(load_json(data_urls, images, "it")["images"]) == 4
