@@ -11,7 +11,8 @@
   and two TCP segments per response; here the head waits for the rest of the same loop turn.
 - A request's line and headers are bounded (`VIT_MAX_HEADER_BYTES`): past it, a JSON 431 and the
   connection closes. httptools sets no bound, and uvicorn's own (h11's) does not apply to it, so
-  one connection sending an endless header grew a front-end by every megabyte it sent.
+  one connection sending an endless header grew a front-end by every megabyte it sent. A head
+  still incomplete is counted by the chunks it came in; a complete one by what was parsed of it.
 - So is the time they take (`VIT_HEADER_TIMEOUT_S`): a head still incomplete then gets a
   JSON 408 and the connection closes; a connection that sent nothing at all just closes. uvicorn
   times only the idle gap after an answer (its keep-alive), and stops at the first byte of the
@@ -58,6 +59,11 @@ class _CoalescingTransport:
 _CLOSED = "vit.connection_closed"
 
 
+class _HeadTooLarge(Exception):
+    """Raised from the parser's callback once the request is answered: it stops the parser, and
+    uvicorn, which catches it as a parser error, finds the connection closing."""
+
+
 def connection_closed(scope: Scope) -> asyncio.Future[None] | None:
     """Resolved when the request's connection ends; None where the server is not this protocol."""
     return scope.get(_CLOSED)
@@ -93,11 +99,11 @@ class HttpProtocol(HttpToolsProtocol):
             if starts_in_head:
                 self._head_bytes += len(data)
                 if self._head_bytes > self.max_head_bytes:
-                    self._refuse(
-                        b"431 Request Header Fields Too Large",
-                        "headers_too_large",
-                        f"the request line and headers exceed {self.max_head_bytes} bytes",
-                    )
+                    self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        message = f"the request line and headers exceed {self.max_head_bytes} bytes"
+        self._refuse(b"431 Request Header Fields Too Large", "headers_too_large", message)
 
     def _time_head(self) -> None:
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
@@ -120,6 +126,11 @@ class HttpProtocol(HttpToolsProtocol):
         self.scope[_CLOSED] = self._closed  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
+        # Most heads arrive whole in one read, which data_received never counts. Each header line
+        # is its name, ": ", its value and CRLF; 16 is the request line's method and version.
+        if len(self.url) + 16 + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_head_bytes:
+            self._refuse_head()
+            raise _HeadTooLarge
         self._head_bytes = None
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -141,6 +152,8 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
+        if self.transport.is_closing():  # already answered: a head too large
+            return
         self._refuse(b"400 Bad Request", "bad_request", f"malformed HTTP request: {msg}")
 
     def _refuse(self, status: bytes, error_type: str, message: str) -> None:

@@ -232,6 +232,23 @@ def test_an_endless_header_is_refused_with_431_not_buffered(target, samples):
     assert _healthy_quickly(target, samples) < 2.0
 
 
+@pytest.mark.parametrize("where", ["a header", "the URL"])
+def test_a_head_over_the_bound_is_refused_when_it_arrives_whole_too(target, samples, where):
+    """Most heads arrive in one read, which the chunk count never sees: counted by what was parsed."""
+    bound = Settings().max_header_bytes
+    for size, expected in ((bound - 200, 200), (bound + 200, 431)):
+        filler = "a" * size
+        head = (
+            f"GET /readyz?{filler} HTTP/1.1\r\nHost: x\r\n"
+            if where == "the URL"
+            else (f"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n")
+        )
+        status, body = send(target.url, (head + "Connection: close\r\n\r\n").encode(), timeout=10)
+        assert status == expected, (size, body)
+    assert body["error_type"] == "headers_too_large"
+    assert _healthy_quickly(target, samples) < 2.0
+
+
 def test_heads_within_the_bound_and_pipelined_requests_after_large_bodies_are_served(target, photo_1024):
     """Nothing honest is refused: 20 KB of headers, and a request sent right behind another's body
     whose last read, larger than the bound, also brings the start of its head (pipelining)."""
