@@ -89,7 +89,7 @@ class MultipartReader:
             return len(buffer) - keep, False
         # _HEADERS: the header lines up to the empty line; none at all is an empty line at once.
         end = position if buffer.startswith(b"\r\n", position) else buffer.find(b"\r\n\r\n", position)
-        if end < 0 and len(buffer) - position <= self.max_header_bytes:
+        if end < 0 and len(buffer) - position <= self.max_header_bytes + 3:  # 3: a CRLFCRLF cut short
             return position, False
         if end < 0 or end - position > self.max_header_bytes:
             raise BadRequest(f"a multipart part's headers exceed {self.max_header_bytes} bytes")

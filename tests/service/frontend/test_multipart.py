@@ -18,13 +18,21 @@ def _body(parts: list[tuple[bytes, bytes]], preamble: bytes = b"", epilogue: byt
     return preamble + framed + b"--" + BOUNDARY + b"--\r\n" + epilogue
 
 
-def _read(body: bytes, chunk: int, max_header_bytes: int = 1024) -> list[tuple[dict[bytes, bytes], bytes, int]]:
+def _chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[start : start + size] for start in range(0, len(data), size)]
+
+
+def _read_pieces(pieces: list[bytes], max_header_bytes: int = 1024) -> list[tuple[dict[bytes, bytes], bytes, int]]:
     parts: list[tuple[dict[bytes, bytes], bytes, int]] = []
     reader = MultipartReader(BOUNDARY, max_header_bytes, lambda *part: parts.append(part))
-    for start in range(0, len(body), chunk):
-        reader.write(body[start : start + chunk])
+    for piece in pieces:
+        reader.write(piece)
     reader.close()
     return parts
+
+
+def _read(body: bytes, chunk: int, max_header_bytes: int = 1024) -> list[tuple[dict[bytes, bytes], bytes, int]]:
+    return _read_pieces(_chunks(body, chunk), max_header_bytes)
 
 
 def _python_multipart(body: bytes) -> list[bytes]:
@@ -107,3 +115,17 @@ def test_broken_framing_is_a_bad_request(body, message):
 def test_a_boundary_longer_than_the_rfc_allows_is_refused():
     with pytest.raises(BadRequest, match="1 to 70 characters"):
         MultipartReader(b"x" * 71, 1024, lambda *part: None)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 1 << 20])
+def test_the_part_header_bound_is_exact_wherever_the_chunks_cut(chunk):
+    """Headers of exactly the bound pass, one byte more fails, even while the CRLFCRLF after them
+    is cut short at a chunk's end."""
+    prefix = b"X-Pad: "
+    exact = prefix + b"a" * (1024 - len(prefix))
+    body = _body([(exact, b"x")])
+    for cut in range(len(body) - 12):  # a cut at every place before the data, then chunks
+        read = _read_pieces(_chunks(body[:cut], chunk) + _chunks(body[cut:], chunk))
+        assert [data for _, data, _ in read] == [b"x"]
+    with pytest.raises(BadRequest, match="headers exceed 1024 bytes"):
+        _read(_body([(exact + b"a", b"x")]), chunk)
