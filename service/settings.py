@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.cores import available_cores
@@ -99,6 +99,15 @@ class Settings(BaseSettings):
     api_keys: str = Field("", repr=False, description="comma-separated keys; when set, inference needs one")
     metrics_require_key: bool = Field(False, description="guard /metrics with the API keys too")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_travel_in_headers(cls, keys: str) -> str:
+        # Clients send header bytes as they are, and the server reads them as latin-1: a key
+        # beyond printable ASCII would never match what a client sent for it.
+        if not (keys.isascii() and keys.isprintable()):
+            raise ValueError("API keys must be printable ASCII: they travel in HTTP headers")
+        return keys
 
     @model_validator(mode="after")
     def _sizes(self) -> Settings:

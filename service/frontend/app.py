@@ -10,16 +10,17 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Response
-from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp
 
 from model_export.manifest import Manifest
+from service import __version__
 from service.boot import settle_heap
 from service.errors import install_error_handlers
 from service.frontend import loop_lag
 from service.frontend.access import require_api_key
 from service.frontend.body import BodyLimits
+from service.frontend.cors import Cors
 from service.frontend.engine_client import EngineClient
 from service.frontend.engine_link import EngineInfo
 from service.frontend.hot_routes import HotRoutes, inference_routes
@@ -74,7 +75,7 @@ def create_app(
     app = FastAPI(
         title="ViT classification service",
         summary="Image classification with a Vision Transformer on onnxruntime, with dynamic micro-batching.",
-        version="0.2.0",
+        version=__version__,
         lifespan=lifespan,
         root_path=settings.root_path,
     )
@@ -94,7 +95,7 @@ def create_app(
     hot_routes = HotRoutes(app, inference_routes([classify.router, embed.router, v2.router]))
     served: ASGIApp = hot_routes
     if settings.cors_origin_list:
-        served = CORSMiddleware(
+        served = Cors(
             served,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST"],

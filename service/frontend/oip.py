@@ -78,8 +78,15 @@ def _parameters(spec: dict, where: str) -> dict:
     return parameters
 
 
+def _flag(parameters: dict, name: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"the {name} parameter must be true or false")
+    return value
+
+
 def _requested_outputs(header: dict) -> list[RequestedOutput]:
-    binary_default = bool(_parameters(header, "request").get("binary_data_output", False))
+    binary_default = _flag(_parameters(header, "request"), "binary_data_output", False)
     outputs = header.get("outputs")
     if outputs is None:  # as Triton does: every output when none is named
         return [RequestedOutput(name, binary_default) for name in OUTPUTS]
@@ -92,11 +99,11 @@ def _requested_outputs(header: dict) -> list[RequestedOutput]:
             raise BadRequest(f"unknown output {name!r}: the outputs are {', '.join(OUTPUTS)}")
         parameters = _parameters(output, f"output {name!r}")
         classification = parameters.get("classification", 0)
-        if not isinstance(classification, int) or classification < 0:
+        if type(classification) is not int or classification < 0:  # bool is an int to isinstance
             raise BadRequest("the classification parameter must be a non-negative integer")
         if classification and name != PROBABILITIES_OUTPUT:
             raise BadRequest(f"classification applies to {PROBABILITIES_OUTPUT!r} only")
-        requested.append(RequestedOutput(name, bool(parameters.get("binary_data", binary_default)), classification))
+        requested.append(RequestedOutput(name, _flag(parameters, "binary_data", binary_default), classification))
     return requested
 
 
@@ -145,9 +152,9 @@ def _parse(
         if size is not None:
             if size != 4 * count:
                 raise BadRequest(f"FP32 tensor of shape {shape} needs {4 * count} bytes, got {size}")
-            request.tensor = np.frombuffer(binary, dtype="<f4").reshape(shape).astype(np.float32)
+            request.tensor = _finite(np.frombuffer(binary, dtype="<f4").reshape(shape).astype(np.float32))
         else:
-            request.tensor = _json_numbers(spec.get("data"), shape)
+            request.tensor = _finite(_json_numbers(spec.get("data"), shape))
     else:
         raise BadRequest(f"unknown input {name!r}: use {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32)")
     return request
@@ -166,13 +173,17 @@ def _json_numbers(data: object, shape: list[int]) -> np.ndarray:
         raise BadRequest(f"{TENSOR_INPUT!r} JSON data must be a list of numbers")
     try:
         array = np.asarray(data, dtype=np.float32)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise BadRequest(f"{TENSOR_INPUT!r} JSON data must hold numbers only, in a regular shape") from None
     if array.size != math.prod(shape):
         raise BadRequest(f"{TENSOR_INPUT!r} data holds {array.size} numbers; shape {shape} needs {math.prod(shape)}")
-    if not np.isfinite(array).all():
-        raise BadRequest(f"{TENSOR_INPUT!r} data holds non-finite numbers")
     return array.reshape(shape)
+
+
+def _finite(tensor: np.ndarray) -> np.ndarray:
+    if not np.isfinite(tensor).all():
+        raise BadRequest(f"{TENSOR_INPUT!r} holds non-finite numbers (NaN or infinity)")
+    return tensor
 
 
 def _bytes_tensor(elements: list[bytes]) -> bytes:
@@ -213,7 +224,14 @@ def encode_infer_response(
     response: dict[str, object] = {"model_name": model_name, "model_version": "1", "outputs": outputs}
     if request.id is not None:
         response["id"] = request.id
-    header = json.dumps(response).encode()
+    try:
+        header = json.dumps(response, allow_nan=False).encode()
+    except ValueError:
+        # Finite inputs far outside the preprocessed range overflow the graph; JSON has no NaN.
+        raise BadRequest(
+            f"the model's output for this {TENSOR_INPUT!r} is not finite, which JSON cannot carry: are the values"
+            " preprocessed as the model's manifest says? (binary_data_output returns them as they are)"
+        ) from None
     if raws:
         return header + b"".join(raws), len(header)
     return header, None

@@ -29,6 +29,8 @@ def test_inference_needs_a_key_and_probes_stay_open(guarded, samples):
             client.post("/classify", files=files, headers={"Authorization": "Bearer k1-a8f3e0c4d2"}).status_code == 200
         )
         assert client.post("/classify", files=files, headers={"X-API-Key": "k2-77b19e5a01"}).status_code == 200
+        assert client.post("/embed", files=files).status_code == 401
+        assert client.post("/embed", files=files, headers={"X-API-Key": "k2-77b19e5a01"}).status_code == 200
         assert client.post("/v2/models/fashion-mnist-vit/infer", json={"inputs": []}).status_code == 401
         for probe in ("/livez", "/readyz", "/startupz", "/v2/health/ready"):
             assert client.get(probe).status_code == 200
@@ -76,4 +78,8 @@ def test_cors_is_off_by_default_and_on_for_configured_origins(client):
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
         other = cors_client.options("/classify", headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+        assert (other.status_code, other.json()) == (
+            400,
+            {"error": "Disallowed CORS origin", "error_type": "bad_request"},
+        )  # in every error's shape, not Starlette's plain text
         assert server.stop() == 0

@@ -20,6 +20,8 @@ def test_settings_come_from_vit_environment_variables(monkeypatch):
 
 
 def test_inconsistent_or_invalid_settings_are_refused():
+    with pytest.raises(ValidationError, match="printable ASCII"):
+        Settings(api_keys="plain,clé")
     with pytest.raises(ValidationError, match="max_queue_images"):
         Settings(max_queue_images=4, max_images_per_request=8)
     with pytest.raises(ValidationError):

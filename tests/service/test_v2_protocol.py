@@ -1,6 +1,7 @@
 """Open Inference Protocol v2, spoken by the real client: tritonclient[http] against a live server."""
 
 import base64
+import importlib.metadata
 
 import numpy as np
 import pytest
@@ -32,7 +33,9 @@ def test_health_and_metadata(triton_client):
     assert triton_client.is_server_live() and triton_client.is_server_ready()
     assert triton_client.is_model_ready(MODEL)
     assert not triton_client.is_model_ready("other-model")
-    assert "binary_tensor_data" in triton_client.get_server_metadata()["extensions"]
+    server = triton_client.get_server_metadata()
+    assert "binary_tensor_data" in server["extensions"]
+    assert server["version"] == importlib.metadata.version("vit-serve")  # the package's, from one place
     metadata = triton_client.get_model_metadata(MODEL)
     assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {"image": "BYTES", "pixel_values": "FP32"}
     assert metadata["outputs"] == [
@@ -114,3 +117,49 @@ def test_json_only_clients_can_send_base64_images(client, samples):
     assert response.status_code == 200, response.text
     (output,) = response.json()["outputs"]
     assert output["shape"] == [1, 2] and output["data"][0].count(":") >= 2
+
+
+def _pixel_values(values: np.ndarray, binary: bool) -> triton.InferInput:
+    tensor = triton.InferInput("pixel_values", list(values.shape), "FP32")
+    tensor.set_data_from_numpy(values.astype(np.float32), binary_data=binary)
+    return tensor
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_non_finite_pixel_values_are_refused_by_either_encoding(triton_client, binary):
+    values = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    values[1, 0, 3, 4] = np.nan if binary else np.inf  # JSON carries infinity as the literal Infinity
+    with pytest.raises(InferenceServerException, match="non-finite numbers") as refused:
+        triton_client.infer(MODEL, [_pixel_values(values, binary)])
+    assert refused.value.status() == "400"
+
+
+def test_an_output_json_cannot_carry_is_a_400_and_binary_output_carries_it(triton_client):
+    """Finite, but far outside the preprocessed range: the graph overflows, and JSON has no NaN."""
+    values = np.full((1, 1, 28, 28), 3e38, dtype=np.float32)
+    as_json = triton.InferRequestedOutput("probabilities", binary_data=False)
+    with pytest.raises(InferenceServerException, match="not finite, which JSON cannot carry"):
+        triton_client.infer(MODEL, [_pixel_values(values, True)], outputs=[as_json])
+    raw = triton_client.infer(
+        MODEL, [_pixel_values(values, True)], outputs=[triton.InferRequestedOutput("probabilities")]
+    )
+    assert raw.as_numpy("probabilities").shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"outputs": [{"name": "probabilities", "parameters": {"classification": True}}]}, "non-negative integer"),
+        ({"outputs": [{"name": "probabilities", "parameters": {"binary_data": "false"}}]}, "binary_data parameter"),
+        ({"parameters": {"binary_data_output": 0}}, "binary_data_output parameter"),
+    ],
+)
+def test_parameters_of_the_wrong_type_are_refused_not_guessed(client, samples, parameters, message):
+    image = {
+        "name": "image",
+        "shape": [1],
+        "datatype": "BYTES",
+        "data": [base64.b64encode(samples[0].encoded()).decode()],
+    }
+    response = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [image], **parameters})
+    assert response.status_code == 400 and message in response.json()["error"], response.text
