@@ -14,7 +14,7 @@ class Lifecycle:
         self.started = False  # the engine welcomed this front-end once: model loaded, checked, warm
         self.engine_connected = False
         self.draining = False  # the one drain flag: readiness, admission and the engine client read it
-        self._retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s
         self._on_refused = on_refused  # counts a draining refusal
         self._on_count = on_count  # told the number of requests in flight whenever it changes
         self._in_flight = 0
@@ -42,7 +42,7 @@ class Lifecycle:
         """Count a unit of work for the drain to wait on; refused (503) once draining began."""
         if self.draining:
             self._on_refused()
-            raise Draining("the server is shutting down; retry on another replica", retry_after=self._retry_after_s)
+            raise Draining("the server is shutting down; retry on another replica", retry_after=self.retry_after_s)
         self._in_flight += 1
         self._on_count(self._in_flight)
         self._idle.clear()

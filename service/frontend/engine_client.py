@@ -19,6 +19,7 @@ from service.errors import (
     BodyTooSlow,
     ClientDisconnected,
     DeadlineExceeded,
+    Draining,
     InvalidParameter,
     NotReady,
     ServiceError,
@@ -88,10 +89,15 @@ class EngineClient:
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new work, answer what waits for an engine that will not come back, and wait for
-        the rest; False if grace_s passed with requests still in flight."""
+        the rest; False if grace_s passed with requests still in flight. Those still waiting for
+        their rows then are answered 503 at once, before the process goes, rather than cut off."""
         self.lifecycle.begin_drain()
-        self.link.fail_waiting()
-        return await self.lifecycle.wait_idle(grace_s)
+        self.link.fail_if_no_engine_comes()
+        if await self.lifecycle.wait_idle(grace_s):
+            return True
+        message = "the drain grace passed before this request's images were classified; retry on another replica"
+        self.link.fail_waiting(Draining(message, retry_after=self.settings.retry_after_s))
+        return False
 
     async def close(self) -> None:
         await self.link.close()

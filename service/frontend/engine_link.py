@@ -213,14 +213,20 @@ class EngineLink:
                 submission.engines_lost += 1
                 if submission.engines_lost > 1:
                     submission.fail(InferenceFailed("the engine stopped twice while this request's images were in it"))
-        if self.lifecycle.draining:
-            self.fail_waiting()
+        self.fail_if_no_engine_comes()
 
-    def fail_waiting(self) -> None:
-        """While draining no engine comes back: whatever still waits for one is answered now."""
-        if not self.connected:
-            for submission in self._waiting:
-                submission.fail(NotReady("the engine stopped while the server drains"))
+    def fail_if_no_engine_comes(self) -> None:
+        """While the server drains no engine comes back: without one, what waits for it is answered now."""
+        if self.lifecycle.draining and not self.connected:
+            self.fail_waiting(self._no_engine())
+
+    def _no_engine(self) -> NotReady:
+        return NotReady("the engine stopped while the server drains", retry_after=self.lifecycle.retry_after_s)
+
+    def fail_waiting(self, error: ServiceError) -> None:
+        """Answer every request still waiting for its rows with `error` now."""
+        for submission in self._waiting:
+            submission.fail(error)
 
     def _resubmit(self) -> None:
         for submission in self._waiting:
@@ -232,6 +238,8 @@ class EngineLink:
         self._waiting.add(submission)
         if self.connected:
             self._send(submission, submission.slots)
+        elif self.lifecycle.draining:  # its body was still arriving when the engine went
+            submission.fail(self._no_engine())
         else:
             submission.unsent.update(submission.slots)
 

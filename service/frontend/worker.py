@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -57,6 +58,15 @@ class DrainingServer(uvicorn.Server):
             self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
+        if not self.started:
+            # Still in start-up, waiting for the engine's welcome, and uvicorn looks at should_exit
+            # only once started: the signal would wait out that wait (up to ENGINE_WAIT_S) for an
+            # engine that may never come. Nothing was accepted yet, so nothing is lost by leaving
+            # at once; unwinding instead would cancel uvicorn's lifespan task, which logs that as
+            # an error.
+            logger.info("stopping before serving: the engine had not welcomed this front-end yet")
+            logging.shutdown()  # writes what the log writer holds: os._exit runs no atexit
+            os._exit(0)
         logger.info("draining: %d request(s) in flight, grace %.1f s", self.engine.lifecycle.in_flight, self.grace_s)
         drained = await self.engine.drain(self.grace_s)
         logger.info("drained" if drained else "drain grace passed; exiting with requests in flight")

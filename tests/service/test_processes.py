@@ -272,6 +272,69 @@ def test_with_no_restarts_left_an_engine_death_stops_the_server_non_zero(shm_bef
     assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
 
 
+def test_an_upload_whose_engine_goes_during_the_drain_is_answered_503_when_its_body_is_in(photo_1024, shm_before):
+    """No engine comes back while the server drains: an upload still arriving when it went is
+    answered as soon as its body is whole, not at its deadline (60 s here)."""
+    with run_server(frontend_processes=1, request_timeout_s=60) as server, server.client() as client:
+        upload = multipart_upload(server.url, "/classify", [photo_1024])
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(upload[: len(upload) // 2])
+            wait_for(lambda: metric(client, "vit_requests_in_flight") == 1)
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: "draining: 1 request(s) in flight" in server.log)
+            os.kill(children(server)["engine"], signal.SIGKILL)
+            wait_for(lambda: "lost the engine" in server.log)
+            sent = time.monotonic()
+            connection.sendall(upload[len(upload) // 2 :])
+            status, _, body = _response(connection)
+        assert (status, json.loads(body)["error_type"]) == (503, "not_ready")
+        assert time.monotonic() - sent < 5
+        assert server.process.wait(timeout=30) == 1  # the engine died
+    assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
+
+
+def test_a_request_still_waiting_when_the_drain_grace_passes_is_answered_503_not_cut_off(samples, shm_before):
+    with run_server(frontend_processes=1, drain_grace_s=1, request_timeout_s=60, retry_after_s=3) as server:
+        engine = children(server)["engine"]
+        os.kill(engine, signal.SIGSTOP)  # the request's image waits in it, past the grace
+        try:
+            with ThreadPoolExecutor(1) as pool, server.client() as client:
+                waiting = pool.submit(client.post, "/classify", files=_png_files(samples))
+                wait_for(lambda: metric(client, "vit_requests_in_flight") == 1)
+                server.process.send_signal(signal.SIGTERM)
+                response = waiting.result(timeout=20)
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        assert (response.status_code, response.json()["error_type"]) == (503, "draining"), response.text
+        assert response.headers["retry-after"] == "3"
+        wait_for(lambda: "drain grace passed" in server.log)
+        server.process.wait(timeout=30)
+    assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
+
+
+def test_a_front_end_still_waiting_for_the_engine_leaves_at_once_when_told_to_stop(shm_before):
+    """Its start-up waits for the engine's welcome, up to 10 minutes for a large model; a stop must
+    not wait that out for an engine that may never come (here one stopped with SIGSTOP)."""
+    with run_server(frontend_processes=2) as server:
+        named = children(server)
+        os.kill(named["engine"], signal.SIGSTOP)  # it welcomes no one from now on
+        os.kill(named["frontend-0"], signal.SIGKILL)
+        wait_for(lambda: children(server).get("frontend-0", named["frontend-0"]) != named["frontend-0"])
+        starting = children(server)["frontend-0"]
+        try:
+            wait_for(lambda: server.log.count("Waiting for application startup.") == 3)  # the first two, and it
+            server.process.kill()  # the kernel sends each child SIGTERM (PR_SET_PDEATHSIG)
+            server.process.wait()
+            wait_for(lambda: not Path(f"/proc/{starting}").exists(), timeout=10)
+            assert "stopping before serving" in server.log
+        finally:  # so that a front-end that does wait fails this test instead of hanging the run
+            for pid in (named["engine"], starting):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
+
+
 def test_an_engine_stops_however_many_signals_come_at_once(shm_before):
     """Kubernetes' SIGTERM, a supervisor's death and an operator's Ctrl-C can arrive together; a
     second signal must not find the first one's handler half done."""
