@@ -88,6 +88,11 @@ class NotReady(ServiceError):
 class Draining(ServiceError):
     status, error_type = 503, "draining"
 
+    def headers(self) -> dict[str, str]:
+        # Closed after the answer: a keep-alive client would send its retry down the same connection,
+        # to this server again, instead of through the gateway to another replica.
+        return {**super().headers(), "Connection": "close"}
+
 
 class DeadlineExceeded(ServiceError):
     status, error_type = 504, "deadline_exceeded"

@@ -71,6 +71,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(photo_1024):
             assert ready.status_code == 503 and ready.json()["reason"].startswith("draining")
             refused = client.post("/classify", files=files[:1])
             assert refused.status_code == 503 and refused.json()["error_type"] == "draining"
+            assert refused.headers["connection"] == "close"  # the retry reconnects, through the gateway
             responses = [f.result() for f in futures]
         # Every request admitted before the signal is answered in full; any later one is refused as draining.
         answered = [r for r in responses if r.status_code == 200]
