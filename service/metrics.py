@@ -82,7 +82,8 @@ class EngineMetrics:
         self.batch_size = Histogram("vit_batch_size_images", "images per formed batch", buckets=_IMAGES, registry=None)
         self.queue_depth = Gauge(
             "vit_queue_depth_images",
-            "images waiting in the engine for a batch",
+            "images waiting in the engine for a batch, by graph (plain, explain)",
+            ["graph"],
             registry=None,
             multiprocess_mode="livesum",
         )

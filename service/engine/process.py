@@ -275,7 +275,8 @@ def _load(settings: Settings, manifest: Manifest, ring: Ring, metrics: EngineMet
                 f"{path.name}: an image's outputs need {row_size(rows)} floats, the ring holds {ring.layout.row_floats}"
             )
         logger.info("%s warmed up at batch sizes %s in %.2f s", path.name, sizes, time.perf_counter() - started)
-        batcher = Batcher(settings.max_batch_size, settings.max_wait_ms / 1000.0, metrics.queue_depth.set)
+        depth = metrics.queue_depth.labels(graph=graph.name.lower())  # each graph has a queue of its own
+        batcher = Batcher(settings.max_batch_size, settings.max_wait_ms / 1000.0, depth.set)
         runners[graph] = GraphRunner(graph, backend, batcher, rows)
     return runners
 

@@ -44,7 +44,7 @@ def create_app(
     metrics: FrontendMetrics,
     metrics_dir: str,
     on_ready: Callable[[EngineInfo], None],
-) -> ASGIApp:
+) -> RequestContextMiddleware:
     lifecycle = engine.lifecycle
 
     @asynccontextmanager

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import BadRequest, PayloadTooLarge, ServiceError, TooManyImages
+from service.errors import BadRequest, ClientDisconnected, PayloadTooLarge, ServiceError, TooManyImages
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ async def stream(request: Request, max_bytes: int, clock: BodyClock) -> AsyncIte
                 clock.received(total)
             yield chunk
     except ClientDisconnect:
-        raise BadRequest("the client closed the connection before the body was complete") from None
+        raise ClientDisconnected("the client closed the connection before the body was complete") from None
 
 
 async def read_body(request: Request, max_bytes: int, clock: BodyClock) -> bytes:

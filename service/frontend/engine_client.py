@@ -138,6 +138,10 @@ class EngineClient:
                         "the request's deadline passed before its body arrived", body_unread=True
                     ) from None
                 raise DeadlineExceeded("the request's deadline passed before its images were classified") from None
+            except ClientDisconnected:
+                if admission.reading:  # the body's reader raised it; run() counts those it raises itself
+                    self._count_client_left()
+                raise
             finally:
                 for slot in admission.slots:
                     self.slots.free(slot)

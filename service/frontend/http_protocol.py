@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import Scope
@@ -70,14 +71,23 @@ def connection_closed(scope: Scope) -> asyncio.Future[None] | None:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    # Set by `bounded`: the request line and headers together, and the seconds they may take.
+    # Set by `bounded`: the request line and headers together, the seconds they may take, and who
+    # is told of each request answered here (its status and client), which the app never sees.
     max_head_bytes: int
     head_timeout_s: float
+    on_refused: Callable[[int, str | None], None]
 
     @classmethod
-    def bounded(cls, max_head_bytes: int, head_timeout_s: float) -> type[HttpProtocol]:
+    def bounded(
+        cls, max_head_bytes: int, head_timeout_s: float, on_refused: Callable[[int, str | None], None]
+    ) -> type[HttpProtocol]:
         """This protocol with heads bounded in size and time (uvicorn takes a class, not an instance)."""
-        return type(cls.__name__, (cls,), {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s})
+        attributes = {
+            "max_head_bytes": max_head_bytes,
+            "head_timeout_s": head_timeout_s,
+            "on_refused": staticmethod(on_refused),
+        }
+        return type(cls.__name__, (cls,), attributes)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -169,3 +179,4 @@ class HttpProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+        self.on_refused(int(status[:3]), self.client[0] if self.client else None)

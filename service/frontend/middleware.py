@@ -77,6 +77,13 @@ class RequestContextMiddleware:
                 )
             request_id.reset(token)
 
+    def count_refused(self, status: int, client: str | None) -> None:
+        """A request the HTTP protocol answered itself (malformed, or a head too large or too slow),
+        which never became an ASGI call: counted and logged as one that matched no route."""
+        requests, _ = self._series.get(("unmatched", status)) or self._new_series("unmatched", status)
+        requests.inc()
+        logger.info("request", extra={"route": "unmatched", "status": status, "client": client or "?"})
+
     def _new_series(self, route: str, status: int) -> tuple[Counter, Histogram]:
         labels = {"route": route, "status": str(status)}
         series = self.metrics.requests.labels(**labels), self.metrics.request_seconds.labels(**labels)

@@ -99,7 +99,7 @@ def main() -> int:
     app = create_app(settings, manifest, engine, metrics, boot.metrics_dir, ready)
     config = uvicorn.Config(
         app,
-        http=HttpProtocol.bounded(settings.max_header_bytes, settings.header_timeout_s),
+        http=HttpProtocol.bounded(settings.max_header_bytes, settings.header_timeout_s, app.count_refused),
         log_level=settings.log_level,
         log_config=None,  # keep our handlers: uvicorn's own would replace them
         proxy_headers=True,

@@ -188,16 +188,21 @@ def test_a_head_in_pieces_within_the_timeout_is_served_and_the_next_one_is_timed
     assert head.startswith(b"HTTP/1.1 408 ") and body["error_type"] == "header_timeout", head
 
 
-def test_a_body_that_stops_early_is_dropped_cleanly(target, samples):
+def test_a_body_that_stops_early_is_dropped_cleanly_and_counted_as_the_client_leaving(target, samples):
     data = samples[1].encoded()
-    with socket.create_connection(("127.0.0.1", _port(target))) as raw:
-        head = (
-            f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(data) * 2}\r\n\r\n"
-        )
-        raw.sendall(head.encode() + data)
-        raw.shutdown(socket.SHUT_WR)  # the client gives up half-way through its own body
-        reply = raw.recv(65536)
-    assert reply == b"" or b" 400 " in reply.split(b"\r\n", 1)[0]
+    left = '{reason="client_disconnected"}'
+    with target.client() as client:
+        before = metric(client, "vit_rejections_total" + left)
+        with socket.create_connection(("127.0.0.1", _port(target))) as raw:
+            head = (
+                "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(data) * 2}\r\n\r\n"
+            )
+            raw.sendall(head.encode() + data)
+            raw.shutdown(socket.SHUT_WR)  # the client gives up half-way through its own body
+            assert raw.recv(65536) == b""  # nobody is left to answer
+        # 499, as for a client that leaves later on: not a 400, which would blame its request.
+        wait_for(lambda: metric(client, "vit_rejections_total" + left) == before + 1)
     assert _healthy_quickly(target, samples) < 2.0
 
 
@@ -269,6 +274,20 @@ def test_heads_within_the_bound_and_pipelined_requests_after_large_bodies_are_se
         raw.sendall(b"Connection: close\r\n\r\n")
         replies = _until_closed(raw)
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", replies) == [b"200", b"200"]
+
+
+def test_what_the_http_layer_answers_itself_is_counted_and_logged_too(target):
+    """Malformed requests and heads over the bound never reach the app; /metrics must still add up."""
+    series = 'vit_requests_total{{route="unmatched",status="{}"}}'
+    too_large = f"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Filler: {'a' * Settings().max_header_bytes}\r\n\r\n"
+    two_lengths = "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
+    with target.client() as client:
+        before = {status: metric(client, series.format(status)) for status in (400, 431)}
+        assert send(target.url, too_large.encode(), timeout=10)[0] == 431
+        assert send(target.url, two_lengths.encode(), timeout=10)[0] == 400
+        for status in (400, 431):
+            wait_for(lambda status=status: metric(client, series.format(status)) == before[status] + 1)
+    wait_for(lambda: '"route": "unmatched", "status": 431' in target.log)
 
 
 @pytest.mark.parametrize(

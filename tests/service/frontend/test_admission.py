@@ -81,6 +81,23 @@ def test_a_body_refused_as_it_streams_is_admitted_again_when_its_images_fit(engi
     asyncio.run(scenario())
 
 
+def test_a_body_of_fewer_images_than_those_learnt_from_is_sized_to_what_it_holds(engine):
+    """The body's framing, learnt spread over eight images, weighs more over two: such a body
+    divides to a little over two, and must not take a third slot."""
+    part, framing = 48_700, 60  # an image's part; the closing boundary and its CRLFs
+
+    async def scenario() -> None:
+        for _ in range(5):  # learnt from eight-image bodies
+            async with admitted(engine, PER_REQUEST * part + framing) as full:
+                image_slots, _ = engine.slots.settle(full, PER_REQUEST, 0)  # its body is read: learnt
+                for slot in image_slots:
+                    engine.slots.free(slot)
+        async with admitted(engine, 2 * part + framing) as small:
+            assert len(small.slots) == 2
+
+    asyncio.run(scenario())
+
+
 def test_the_queue_bound_is_one_over_every_front_end_however_the_connections_split(two_front_ends):
     """The kernel may hand most connections to one front-end: it admits past an even share while
     the other holds little, and the images held by both together stay within the bound."""
