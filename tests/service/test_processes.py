@@ -86,6 +86,7 @@ def test_both_front_ends_serve_and_the_metrics_add_up_across_them(samples):
             assert metric(client, "vit_batch_size_images_sum") == sent  # the engine's batches
             assert metric(client, "vit_queue_wait_seconds_count") == sent
             assert metric(client, "vit_event_loop_lag_seconds_count") > 0  # each front-end samples its loop
+            assert 'vit_queue_depth_images{graph="plain"} 0.0' in text  # each graph's queue apart, now empty
         served = [line for line in text.splitlines() if line.startswith("vit_requests_total")]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in served if 'route="/classify"' in line) == sent
         assert server.stop() == 0
