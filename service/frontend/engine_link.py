@@ -238,10 +238,9 @@ class EngineLink:
         self._waiting.add(submission)
         if self.connected:
             self._send(submission, submission.slots)
-        elif self.lifecycle.draining:  # its body was still arriving when the engine went
-            submission.fail(self._no_engine())
         else:
             submission.unsent.update(submission.slots)
+            self.fail_if_no_engine_comes()  # its body was still arriving when a draining server's engine went
 
     def _send(self, submission: Submission, slots: list[int]) -> None:
         """Hand these slots to the engine. They leave in one SUBMIT with every other slot handed
