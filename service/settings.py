@@ -88,6 +88,10 @@ class Settings(BaseSettings):
 
     # Lifecycle and HTTP
     drain_grace_s: float = Field(25.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    # Above a gateway's own idle timeout for its pooled connections (nginx's upstream keepalive_timeout and
+    # ingress-nginx's upstream-keepalive-timeout: 60 s), so that the gateway closes an idle connection, not
+    # the server: at uvicorn's 5 s, a POST the gateway sent as the server closed got a 502, not retried.
+    keep_alive_s: int = Field(75, ge=1, description="how long an idle keep-alive connection stays open")
     root_path: str = Field("", description="path prefix the app is served under behind a gateway")
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="comma-separated proxy addresses whose X-Forwarded-* headers are trusted; * for any"

@@ -15,6 +15,7 @@ cannot load the model. Then:
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging
 import os
@@ -54,11 +55,33 @@ class Child:
 
 
 def _clean_stale_metrics() -> None:
-    """Metrics folders left by a supervisor that was killed: the owner's pid is in the name."""
+    """Metrics folders left by a supervisor that was killed: the kernel dropped its lock on them.
+    Not a pid in the name: in a container the supervisor is pid 1 in every incarnation, and a pod's
+    /tmp (an emptyDir) outlives a killed container."""
     for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
-        pid = folder.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        try:
+            lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its supervisor is running
+        else:
             shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(lock)
+
+
+def _own_metrics_folder() -> tuple[str, int]:
+    """A new metrics folder and the lock held on it for this process's life. It is locked under
+    another name, then renamed, so that no other server's clean-up ever sees it unlocked."""
+    staging = tempfile.mkdtemp(prefix=f".{METRICS_PREFIX}")
+    lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    folder = os.path.join(os.path.dirname(staging), os.path.basename(staging).removeprefix("."))
+    os.rename(staging, folder)
+    return folder, lock
 
 
 def _listen(host: str, port: int, count: int) -> list[socket.socket]:
@@ -100,7 +123,7 @@ class Supervisor:
         )
         self.ring = Ring.create(self.layout)
         _clean_stale_metrics()
-        self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
+        self.metrics_dir, self._metrics_lock = _own_metrics_folder()
         # Held here for the server's life: a front-end that dies leaves the connections queued on
         # its socket to the one started in its place.
         self.listeners = _listen(host, port, frontends)
@@ -302,6 +325,7 @@ class Supervisor:
         for listener in self.listeners:
             listener.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.close(self._metrics_lock)
 
 
 def serve(settings: Settings, host: str, port: int) -> int:

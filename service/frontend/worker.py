@@ -105,6 +105,7 @@ def main() -> int:
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=int(settings.drain_grace_s) + 1,
+        timeout_keep_alive=settings.keep_alive_s,
         access_log=False,
     )
     listener = socket.socket(fileno=boot.listen_fd)

@@ -3,6 +3,7 @@
 
 import functools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -130,9 +131,42 @@ def test_the_gpu_overlay_scales_on_images_in_flight_per_pod():
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"] == "vit-serve-gpu"
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
-    assert trigger["metadata"]["query"] == 'sum(vit_images_in_flight{pod=~"vit-serve-gpu-.+"})'
+    assert trigger["metadata"]["query"] == 'sum(vit_images_in_flight{pod=~"vit-serve-gpu-[^-]+-[^-]+"})'
     # The CPU HPA is gone: KEDA's own HPA is the only one on the Deployment.
     assert "HorizontalPodAutoscaler" not in {document["kind"] for document in documents}
+
+
+def test_the_cpu_base_and_the_gpu_overlay_can_share_a_namespace():
+    """Neither's Service, Deployment or PDB selects the other's pods (a pod under two PDBs cannot be
+    evicted at all), their Ingresses claim different paths, and a lone GPU pod can still be evicted."""
+    cpu, gpu = _render("docker/k8s/base"), _render("docker/k8s/overlays/gpu")
+
+    def selectors(documents: list[dict]) -> list[dict]:
+        kinds = ("Deployment", "PodDisruptionBudget")
+        return [_one(documents, "Service")["spec"]["selector"]] + [
+            _one(documents, kind)["spec"]["selector"]["matchLabels"] for kind in kinds
+        ]
+
+    def pod_labels(documents: list[dict]) -> dict:
+        return _one(documents, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+    for own, other in ((cpu, gpu), (gpu, cpu)):
+        for selector in selectors(own):
+            assert selector.items() <= pod_labels(own).items()
+            assert not selector.items() <= pod_labels(other).items(), selector
+    paths = [_one(documents, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["path"] for documents in (cpu, gpu)]
+    assert paths[0] != paths[1]
+    assert _one(gpu, "ConfigMap")["data"]["VIT_ROOT_PATH"] == "/vit-gpu" and paths[1].startswith("/vit-gpu(")
+    assert _one(gpu, "ScaledObject")["spec"]["minReplicaCount"] == 1
+    budget = _one(gpu, "PodDisruptionBudget")["spec"]
+    assert budget == {"maxUnavailable": 1, "selector": {"matchLabels": selectors(gpu)[0]}}
+
+
+def test_the_gateway_closes_idle_connections_before_the_service_does():
+    """nginx's idle timeout for its pooled upstream connections is below the service's keep-alive:
+    the other way round, a POST sent down a connection the service was just closing gets a 502."""
+    gateway = re.search(r"keepalive_timeout (\d+)s;", (REPO / "docker/nginx/vit.conf").read_text())
+    assert gateway and int(gateway[1]) < Settings().keep_alive_s
 
 
 @pytest.mark.parametrize(

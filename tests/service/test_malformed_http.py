@@ -109,9 +109,9 @@ def test_uploads_that_stall_hold_the_queue_only_until_their_deadline(target, sam
 
 @pytest.fixture(scope="module")
 def impatient():
-    """A server whose heads may take half a second, and its bodies half a second at any rate, then
-    1 KiB a second."""
-    with run_server(header_timeout_s=0.5, body_rate_grace_s=0.5, min_body_rate_bytes_s=1024) as server:
+    """A server whose heads may take half a second, its bodies half a second at any rate, then
+    1 KiB a second, and whose idle connections stay open a second."""
+    with run_server(header_timeout_s=0.5, body_rate_grace_s=0.5, min_body_rate_bytes_s=1024, keep_alive_s=1) as server:
         yield server
         assert server.stop() == 0
 
@@ -174,6 +174,16 @@ def test_a_head_that_takes_too_long_is_answered_408_and_a_silent_connection_clos
     assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), head
     assert body["error_type"] == "header_timeout"
     assert time.monotonic() - started < 5
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_its_timeout(impatient):
+    with socket.create_connection(("127.0.0.1", _port(impatient))) as idle:
+        idle.settimeout(10)
+        idle.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+        answered = time.monotonic()
+        assert idle.recv(65536) == b""  # closed by the server, with nothing more to say
+    assert 0.8 < time.monotonic() - answered < 5
 
 
 def test_a_head_in_pieces_within_the_timeout_is_served_and_the_next_one_is_timed_too(impatient):

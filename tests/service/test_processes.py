@@ -365,6 +365,31 @@ def test_kill_9_of_the_supervisor_takes_every_process_with_it(samples, shm_befor
     assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
 
 
+def test_a_killed_servers_metrics_folder_goes_at_the_next_start_and_a_running_ones_stays(tmp_path):
+    """The metrics folders live in the temp dir, which in a pod is an emptyDir that outlives a killed
+    container, whose supervisor is pid 1 in every incarnation: a folder named after a running pid
+    is no sign that its server runs."""
+    folders = lambda: set(tmp_path.glob("vit-serve-metrics-*"))  # noqa: E731
+    env = {"TMPDIR": str(tmp_path)}
+    with run_server(environment=env, frontend_processes=1) as killed:
+        (left,) = folders()
+        killed.process.kill()
+        killed.process.wait()
+    named_after_a_live_pid = tmp_path / f"vit-serve-metrics-{os.getpid()}-left"
+    named_after_a_live_pid.mkdir()
+    with run_server(environment=env, frontend_processes=1) as running:
+        (own,) = folders()
+        assert own not in (left, named_after_a_live_pid)
+        with run_server(environment=env, frontend_processes=1) as another:
+            assert len(folders()) == 2 and own in folders()
+            with running.client() as client:
+                assert client.get("/metrics").status_code == 200
+            assert another.stop() == 0
+        assert folders() == {own}
+        assert running.stop() == 0
+    assert not folders()
+
+
 def test_start_up_finds_each_ready_report_whichever_wait_read_it():
     """The engine's report and the front-ends' can arrive in one wake-up; waiting for the engine
     alone then reads theirs too, and the wait for the front-ends must still see them."""
