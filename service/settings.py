@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     engine_restarts: int = Field(
         3, ge=0, description="restarts of a dead engine within 10 minutes before the server exits 1; 0: exit at once"
     )
+    engine_stall_s: float = Field(
+        30.0,
+        ge=0,
+        description="an engine holding an image this long past its request's deadline is stuck: it is killed"
+        " and restarted as after a death; 0: never",
+    )
 
     # Batching and admission
     max_batch_size: int = Field(8, ge=1, description="most images in one forward pass")

@@ -5,6 +5,8 @@ engine process and N front-end processes, and waits. Start-up fails (exit 3) if 
 cannot load the model. Then:
 - a front-end dies: it is started again on the same partition and listening socket (the engine
   reclaims its slots; connections queued on its socket wait for the new one);
+- the engine is stuck (a front-end finds it holding an image `VIT_ENGINE_STALL_S` past its
+  deadline): it is killed, and dies as below;
 - the engine dies: the front-ends answer 503 at once, and it is started again, up to
   `VIT_ENGINE_RESTARTS` times in 10 minutes; one more death and the server exits 1, for
   Kubernetes to restart the pod. Accepted requests wait for the new engine, within their deadline;
@@ -196,16 +198,38 @@ class Supervisor:
             child.status = -1
 
     def _read_status(self, child: Child) -> dict[str, object] | None:
-        """The child's one status line; None when its pipe closed without one."""
+        """Act on what the child reported (ready, an engine stuck); its start-up error, if it sent one."""
         data = os.read(child.status, 65536)
         if not data:
             self._close_status(child)
             return None
-        message: dict[str, object] = json.loads(data.splitlines()[0])
-        if message.get("ready"):
-            child.ready = message
-            logger.info("%s ready", child.boot.name, extra={k: v for k, v in message.items() if k != "ready"})
-        return message
+        error = None
+        for line in data.splitlines():
+            message: dict[str, object] = json.loads(line)
+            if message.get("ready"):
+                child.ready = message
+                logger.info("%s ready", child.boot.name, extra={k: v for k, v in message.items() if k != "ready"})
+            elif "stalled" in message:
+                self._kill_stuck_engine(message, child)
+            elif "error" in message:
+                error = message
+        return error
+
+    def _kill_stuck_engine(self, report: dict[str, object], reporter: Child) -> None:
+        """A front-end found the engine holding images long past their deadline: kill it, and its death
+        takes the usual course (a restart, or the exit once they are used up). Each front-end may say so
+        of the same engine; one that has been replaced meanwhile is left alone."""
+        for child in self.children.values():
+            if child.boot.role == "engine" and child.process.pid == report["stalled"] and child.process.poll() is None:
+                logger.error(
+                    "the engine is stuck: %s found it holding %s image(s) past their deadline, the oldest by %.1f s"
+                    " (VIT_ENGINE_STALL_S=%g); killing it",
+                    reporter.boot.name,
+                    report["images"],
+                    report["late_s"],
+                    self.settings.engine_stall_s,
+                )
+                child.process.kill()
 
     def run(self) -> int:
         signals_to_pipe(self._wakeup_write)  # the loop reads them with its children's events
@@ -241,9 +265,9 @@ class Supervisor:
                 event, child = key.data
                 if event == "exit":
                     raise StartupError(f"{child.boot.name} exited with {child.process.wait()} during start-up")
-                status = self._read_status(child)
-                if status is not None and "error" in status:
-                    raise StartupError(str(status["error"]))
+                error = self._read_status(child)
+                if error:
+                    raise StartupError(str(error["error"]))
 
     def _handle(self, data: object) -> None:
         if data == "signal":

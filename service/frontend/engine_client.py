@@ -28,7 +28,7 @@ from service.frontend.admission import Admission, SlotPool
 from service.frontend.body import BodyClock
 from service.frontend.decode import Decoder
 from service.frontend.decode_pool import DecodePool
-from service.frontend.engine_link import EngineInfo, EngineLink, Submission
+from service.frontend.engine_link import EngineInfo, EngineLink, StallReport, Submission
 from service.frontend.spans import annotate
 from service.frontend.uploads import Upload
 from service.lifecycle import Lifecycle
@@ -58,6 +58,7 @@ class EngineClient:
         decoder: Decoder,
         lifecycle: Lifecycle,
         metrics: FrontendMetrics,
+        on_stall: StallReport,
     ) -> None:
         self.ring = ring
         self.settings = settings
@@ -65,7 +66,7 @@ class EngineClient:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.slots = SlotPool(ring, partition, settings, metrics)
-        self.link = EngineLink(address, partition, self.slots, lifecycle, metrics)
+        self.link = EngineLink(address, partition, self.slots, lifecycle, metrics, settings.engine_stall_s, on_stall)
         self._decode_pool = DecodePool(settings.resolved_preprocess_threads(ring.layout.partitions))
 
     @property

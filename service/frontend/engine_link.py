@@ -6,6 +6,13 @@ A slot is in exactly one place: free in the pool, being written here (decode), o
 slots in the engine as orphans, freed when their DONE arrives. If the engine dies, nothing touches
 the slots any more: orphans are freed at once, and the images of requests still waiting are sent
 again to the next engine (once; a request whose images outlive two engines fails).
+
+An engine that is alive but stuck (a GPU that hangs in a kernel, a deadlock) would hold its images
+for ever and its connection open, so it is watched: a healthy engine answers every image by its
+deadline, at the latest when the batch it runs in ends, since a queued image is answered as soon
+as it expires or is cancelled. An orphan still in the engine `VIT_ENGINE_STALL_S` past its
+request's deadline is in a batch that has run that long, or in an engine that reads nothing: the
+supervisor is told, and kills the engine, which then restarts as after any death.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import json
 import logging
 import math
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -40,12 +49,14 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE = 1 << 16
 SUBMIT_RECORDS = 4096  # per message: 12 bytes each keeps a SUBMIT within the engine's MAX_MESSAGE
 RECONNECT_S = 0.05  # between attempts while the engine restarts
+WATCH_S = 1.0  # between looks for images the engine holds past their deadline and VIT_ENGINE_STALL_S
 
 
 @dataclass(frozen=True)
 class EngineInfo:
     """What the engine said of itself when it welcomed this front-end."""
 
+    pid: int
     provider: str
     requested_providers: list[str]
     session_workers: int
@@ -56,7 +67,8 @@ class EngineInfo:
     def from_json(cls, data: bytes) -> EngineInfo:
         raw = json.loads(data)
         rows = {graph: [(name, tuple(shape)) for name, shape in outputs] for graph, outputs in raw["rows"].items()}
-        return cls(raw["provider"], raw["requested_providers"], raw["session_workers"], raw["intra_op_threads"], rows)
+        workers, threads = raw["session_workers"], raw["intra_op_threads"]
+        return cls(raw["pid"], raw["provider"], raw["requested_providers"], workers, threads, rows)
 
     def has(self, graph: Graph) -> bool:
         return graph.name.lower() in self.rows
@@ -94,16 +106,32 @@ class Submission:
             self.outcome.set_exception(error)
 
 
+# Told of an engine that holds images past their deadline and the stall allowance: its pid, how
+# many images, and how long past its deadline the oldest is.
+StallReport = Callable[[int, int, float], None]
+
+
 class EngineLink:
     def __init__(
-        self, address: str, partition: int, slots: SlotPool, lifecycle: Lifecycle, metrics: FrontendMetrics
+        self,
+        address: str,
+        partition: int,
+        slots: SlotPool,
+        lifecycle: Lifecycle,
+        metrics: FrontendMetrics,
+        stall_s: float,
+        on_stall: StallReport,
     ) -> None:
         self.address = address
         self.partition = partition
         self.slots = slots
         self.lifecycle = lifecycle
         self.metrics = metrics
+        self.stall_s = stall_s
+        self.on_stall = on_stall
         self._in_engine: dict[int, Submission | None] = {}  # None: an orphan, freed on its DONE
+        self._orphan_deadlines: dict[int, float] = {}  # of the orphans in _in_engine, for the watch
+        self._watch_handle: asyncio.TimerHandle | None = None
         # Handed to the engine (in _in_engine too), not yet sent; and orphans the engine has, not yet
         # cancelled there. While either holds anything a flush is on its way: scheduled this turn,
         # or waiting for the engine's socket to drain.
@@ -158,7 +186,14 @@ class EngineLink:
             self._resubmit()
             self._welcomed.set()
             logger.info("connected to the engine (%s)", self.info.provider)
-            await lost
+            if self.stall_s:
+                self._watch_handle = loop.call_later(WATCH_S, self._watch, self.info.pid)
+            try:
+                await lost
+            finally:
+                if self._watch_handle is not None:
+                    self._watch_handle.cancel()
+                    self._watch_handle = None
             loop.remove_reader(sock.fileno())
             loop.remove_writer(sock.fileno())
             sock.close()
@@ -181,9 +216,21 @@ class EngineLink:
             for record in parse_done(message):
                 self._on_done(record)
 
+    def _watch(self, engine_pid: int) -> None:
+        """Tell the supervisor, once, if this engine holds an orphan past its deadline and the stall
+        allowance; else look again in a while."""
+        late = time.monotonic() - self.stall_s
+        overdue = [deadline for deadline in self._orphan_deadlines.values() if deadline < late]
+        if not overdue:
+            self._watch_handle = asyncio.get_running_loop().call_later(WATCH_S, self._watch, engine_pid)
+            return
+        self._watch_handle = None
+        self.on_stall(engine_pid, len(overdue), late + self.stall_s - min(overdue))
+
     def _on_done(self, record: Done) -> None:
         submission = self._in_engine.pop(record.slot)
         if submission is None:
+            del self._orphan_deadlines[record.slot]
             self.slots.free(record.slot)
             return
         submission.done[record.slot] = record
@@ -202,6 +249,7 @@ class EngineLink:
         # The outbox's slots are all in _in_engine, given back below like those the engine had.
         self._outbox.clear()
         self._cancels.clear()
+        self._orphan_deadlines.clear()
         for slot, submission in list(self._in_engine.items()):
             del self._in_engine[slot]
             if submission is None:
@@ -305,6 +353,7 @@ class EngineLink:
             for slot, _ in records:
                 submission = self._in_engine.pop(slot)
                 if submission is None:  # its request gave up meanwhile
+                    del self._orphan_deadlines[slot]
                     self.slots.free(slot)
                 else:
                     submission.unsent.add(slot)
@@ -322,6 +371,7 @@ class EngineLink:
                 self.slots.free(slot)
             elif slot in self._in_engine:
                 self._in_engine[slot] = None
+                self._orphan_deadlines[slot] = submission.deadline
                 orphans.append(slot)
             else:
                 self.slots.free(slot)

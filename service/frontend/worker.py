@@ -91,6 +91,7 @@ def main() -> int:
         decoder,
         lifecycle,
         metrics,
+        lambda engine_pid, images, late_s: report(boot.status_fd, stalled=engine_pid, images=images, late_s=late_s),
     )
 
     def ready(info: EngineInfo) -> None:

@@ -262,6 +262,23 @@ def test_a_killed_engine_means_503_at_once_then_a_new_engine_and_nothing_accepte
         assert server.stop() == 0
 
 
+def test_a_stuck_engine_is_killed_and_restarted_and_the_server_serves_again(samples, shm_before):
+    """SIGSTOP is an engine that hangs with its connections open (a GPU stuck in a kernel): what it
+    holds is answered 504 at the deadline, and once an image is still in it VIT_ENGINE_STALL_S
+    later, it is killed and restarted as after a death."""
+    with run_server(frontend_processes=2, engine_stall_s=0.5) as server, server.client() as client:
+        engine = children(server)["engine"]
+        os.kill(engine, signal.SIGSTOP)
+        late = client.post("/classify", files=_png_files(samples), headers={"X-Request-Timeout": "0.5"})
+        assert late.status_code == 504
+        wait_for(lambda: children(server).get("engine") not in (None, engine), timeout=10)
+        wait_for(lambda: client.get("/readyz").status_code == 200)
+        assert client.post("/classify", files=_png_files(samples)).status_code == 200
+        assert "the engine is stuck" in server.log and "the engine exited with -9: starting it again" in server.log
+        assert server.stop() == 0
+    assert not set(SHM.iterdir()) - shm_before
+
+
 def test_with_no_restarts_left_an_engine_death_stops_the_server_non_zero(shm_before):
     with run_server(frontend_processes=2, engine_restarts=0) as server:
         named = children(server)

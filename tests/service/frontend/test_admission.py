@@ -34,7 +34,8 @@ def _front_ends(count: int) -> list[EngineClient]:
         lifecycle.started = lifecycle.engine_connected = True  # as the engine's welcome sets them
         decoder = Decoder(manifest.preprocessing, settings.max_image_pixels)
         address = "no engine: admission needs none"
-        clients.append(EngineClient(ring, partition, address, settings, decoder, lifecycle, FrontendMetrics()))
+        metrics = FrontendMetrics()
+        clients.append(EngineClient(ring, partition, address, settings, decoder, lifecycle, metrics, lambda *_: None))
     return clients
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from model_export.manifest import Manifest
-from service.errors import ClientDisconnected
+from service.errors import ClientDisconnected, DeadlineExceeded
 from service.frontend.decode import Decoder
 from service.frontend.engine_client import EngineClient
 from service.frontend.engine_link import MAX_MESSAGE
@@ -39,6 +39,8 @@ from service.shm_ring import (
 )
 from tests.conftest import encode
 
+PID = 4242  # the engine's, as its welcome says
+
 
 @pytest.fixture(scope="module")
 def manifest() -> Manifest:
@@ -49,7 +51,9 @@ class FakeEngine:
     """The engine's side of the socket, played by the test: it welcomes the client, reads its
     SUBMITs, and answers each slot with its input's first value as every logit."""
 
-    def __init__(self, manifest: Manifest, tensor_slots: int, images_per_request: int = 1) -> None:
+    def __init__(
+        self, manifest: Manifest, tensor_slots: int, images_per_request: int = 1, engine_stall_s: float = 30
+    ) -> None:
         self.ring = Ring.create(RingLayout.for_model(manifest, 1, 8, tensor_slots))
         self.classes = manifest.num_classes
         self.settings = Settings(
@@ -57,11 +61,22 @@ class FakeEngine:
             max_queue_images=8,
             max_images_per_request=images_per_request,
             preprocess_threads=2,
+            engine_stall_s=engine_stall_s,
         )
         self.address = f"\0vit-engine-client-test-{os.getpid()}"
         lifecycle = Lifecycle(self.settings.retry_after_s, lambda: None, lambda _: None)
         decoder = Decoder(manifest.preprocessing, self.settings.max_image_pixels)
-        self.client = EngineClient(self.ring, 0, self.address, self.settings, decoder, lifecycle, FrontendMetrics())
+        self.stalls: list[tuple[int, int, float]] = []  # what the client told the supervisor
+        self.client = EngineClient(
+            self.ring,
+            0,
+            self.address,
+            self.settings,
+            decoder,
+            lifecycle,
+            FrontendMetrics(),
+            lambda *report: self.stalls.append(report),
+        )
 
     async def connect(self, listener: socket.socket) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -69,6 +84,7 @@ class FakeEngine:
         engine, _ = await loop.sock_accept(listener)
         assert kind_of(await loop.sock_recv(engine, MAX_MESSAGE)) == Kind.HELLO
         info = {
+            "pid": PID,
             "provider": "CPUExecutionProvider",
             "requested_providers": ["CPUExecutionProvider"],
             "session_workers": 1,
@@ -79,13 +95,15 @@ class FakeEngine:
         await connecting
         return engine
 
-    def classify(self, value: float, gone: asyncio.Future[None] | None = None) -> asyncio.Task[np.ndarray]:
+    def classify(
+        self, value: float, gone: asyncio.Future[None] | None = None, within_s: float = 30
+    ) -> asyncio.Task[np.ndarray]:
         """One request of one FP32 row filled with `value`: no decode, so it reaches the engine in
         the turn it starts in. `gone`: its connection's end."""
 
         async def request() -> np.ndarray:
             row = np.full(self.ring.layout.tensor_shape, value, np.float32)
-            async with self.client.admitted(None, time.monotonic() + 30) as admission:
+            async with self.client.admitted(None, time.monotonic() + within_s) as admission:
                 answer = await self.client.run(admission, [row], gone=gone)
             return answer.rows[0]["logits"]
 
@@ -341,5 +359,49 @@ def test_requests_abandoned_behind_a_full_socket_are_cancelled_in_the_engine_or_
         await fake.answer(engine, [submitted[i] for i in sorted(live)])
         for i in sorted(live):
             assert (await requests[i] == i).all()
+
+    serve(fake, scenario)
+
+
+def test_an_engine_that_keeps_an_image_past_its_deadline_and_the_allowance_is_reported_stuck_once(manifest):
+    """The request ends at its deadline (504) and cancels its image; an engine that answers neither
+    the batch nor the CANCEL still holds it 0.3 s (VIT_ENGINE_STALL_S) later: the supervisor is told."""
+    fake = FakeEngine(manifest, tensor_slots=2, engine_stall_s=0.3)
+
+    async def scenario(engine: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        request = fake.classify(1.0, within_s=0.2)
+        assert kind_of(await loop.sock_recv(engine, MAX_MESSAGE)) == Kind.SUBMIT
+        with pytest.raises(DeadlineExceeded):
+            await request
+        assert kind_of(await loop.sock_recv(engine, MAX_MESSAGE)) == Kind.CANCEL  # and never answered
+        started = time.monotonic()
+        while not fake.stalls and time.monotonic() - started < 5:
+            await asyncio.sleep(0.05)
+        ((pid, images, late_s),) = fake.stalls
+        assert pid == PID and images == 1 and late_s >= 0.3
+        await asyncio.sleep(1.5)  # once per engine: the supervisor kills it, and the next is watched anew
+        assert len(fake.stalls) == 1
+
+    serve(fake, scenario)
+
+
+def test_an_engine_that_answers_a_late_cancel_is_not_stuck(manifest):
+    fake = FakeEngine(manifest, tensor_slots=2, engine_stall_s=0.3)
+
+    async def scenario(engine: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        request = fake.classify(1.0, within_s=0.2)
+        ((slot, _),) = parse_submit(await loop.sock_recv(engine, MAX_MESSAGE))[1]
+        with pytest.raises(DeadlineExceeded):
+            await request
+        assert parse_cancel(await loop.sock_recv(engine, MAX_MESSAGE)) == [slot]
+        await fake.answer(engine, [slot], Status.CANCELLED)
+        await asyncio.sleep(2.0)
+        assert fake.stalls == []
+        second = fake.classify(2.0)
+        ((slot_again, _),) = parse_submit(await loop.sock_recv(engine, MAX_MESSAGE))[1]
+        await fake.answer(engine, [slot_again])
+        assert (await second)[0] == 2.0
 
     serve(fake, scenario)
