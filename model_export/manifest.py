@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_METADATA_KEY = "vit_serve.manifest"
@@ -126,6 +126,14 @@ class Manifest(BaseModel):
         None, description="graph that also outputs the [class] token's attention; None without a [class] token"
     )
     explain_onnx_sha256: str | None = None
+
+    @field_validator("onnx_file", "explain_onnx_file")
+    @classmethod
+    def _in_the_folder(cls, name: str | None) -> str | None:
+        # A folder may come from someone else: its manifest must not point the server at files outside it.
+        if name is not None and (not name or Path(name).name != name or name in (".", "..")):
+            raise ValueError(f"graph file {name!r} must be a file name in the model folder, not a path")
+        return name
 
     @property
     def num_classes(self) -> int:

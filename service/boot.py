@@ -37,7 +37,7 @@ class Boot:
     ring_fd: int
     status_fd: int  # write end of the pipe the supervisor reads this child's "ready" from
     engine_address: str  # the engine's abstract Unix socket name
-    listen_fd: int  # this front-end's HTTP listening socket; -1 for the engine
+    listen_fd: int  # this front-end's HTTP listening socket, or the engine's Unix one
     metrics_dir: str
     supervisor_pid: int
 

@@ -23,7 +23,11 @@ SHARED_SESSION_BYTES = 100 * 2**20
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VIT_", extra="ignore", protected_namespaces=())
+    # hide_input_in_errors: a validation error would otherwise print the values it was given, the
+    # API keys among them (pydantic shows the whole input of a model-level check).
+    model_config = SettingsConfigDict(
+        env_prefix="VIT_", extra="ignore", protected_namespaces=(), hide_input_in_errors=True
+    )
 
     # Model and runtime
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="folder with model.onnx and manifest.json")

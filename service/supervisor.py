@@ -131,6 +131,12 @@ class Supervisor:
         self.listeners = _listen(host, port, frontends)
         self.url = "http://{}:{}".format(*self.listeners[0].getsockname()[:2])
         self.engine_address = f"\0vit-serve-engine-{os.getpid()}-{os.urandom(4).hex()}"
+        # Bound here, not by each engine: an abstract name is free between an engine's death and its
+        # successor's bind, and any local process could take it then (and welcome the front-ends).
+        self.engine_listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.engine_listener.bind(self.engine_address)
+        self.engine_listener.listen(64)
+        self.engine_listener.set_inheritable(True)
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, Child] = {}  # by pidfd
         self.engine_deaths: collections.deque[float] = collections.deque()
@@ -141,7 +147,7 @@ class Supervisor:
 
     def spawn(self, role: str, partition: int = 0) -> Child:
         status_read, status_write = os.pipe()
-        listen_fd = self.listeners[partition].fileno() if role == "frontend" else -1
+        listen_fd = (self.listeners[partition] if role == "frontend" else self.engine_listener).fileno()
         boot = Boot(
             role=role,
             partition=partition,
@@ -155,7 +161,7 @@ class Supervisor:
             metrics_dir=self.metrics_dir,
             supervisor_pid=os.getpid(),
         )
-        fds = [self.ring.fd, status_write] + ([listen_fd] if listen_fd >= 0 else [])
+        fds = [self.ring.fd, status_write, listen_fd]
         module = "service.engine.process" if role == "engine" else "service.frontend.worker"
         process = subprocess.Popen(
             [sys.executable, "-m", module, boot.name],  # the name is for `ps`: the child reads stdin only
@@ -348,6 +354,7 @@ class Supervisor:
     def _cleanup(self) -> None:
         for listener in self.listeners:
             listener.close()
+        self.engine_listener.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         os.close(self._metrics_lock)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -36,7 +37,6 @@ from service.shm_ring import (
     Ring,
     Status,
     done,
-    kind_of,
     parse_cancel,
     parse_hello,
     parse_submit,
@@ -120,8 +120,15 @@ class Engine:
             threading.Thread(target=self._serve, args=(sock,), daemon=True, name="frontend-reader").start()
 
     def _serve(self, sock: socket.socket) -> None:
+        # The socket's abstract name is visible to, and connectable by, every process in this network
+        # namespace: only the supervisor and what it started (the front-ends), as this user, are served.
+        uid, pid = _peer(sock)
+        if uid != os.geteuid() or pid == 0 or os.getppid() not in (pid, _parent_of(pid)):
+            logger.warning("refused a connection from pid %d, uid %d: not a front-end of this server", pid, uid)
+            sock.close()
+            return
         message = sock.recv(MAX_MESSAGE)
-        if not message or kind_of(message) != Kind.HELLO:
+        if len(message) < 4 or message[0] != Kind.HELLO or parse_hello(message) >= self.layout.partitions:
             sock.close()
             return
         frontend = FrontEnd(parse_hello(message), sock)
@@ -257,6 +264,22 @@ class Engine:
             runner.batcher.close()
 
 
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """The uid and pid of the process that connected (SO_PEERCRED); pid 0 if it is outside this
+    process's pid namespace."""
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return uid, pid
+
+
+def _parent_of(pid: int) -> int | None:
+    """From /proc; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:  # the name, in parentheses, may hold anything
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _load(settings: Settings, manifest: Manifest, ring: Ring, metrics: EngineMetrics) -> dict[Graph, GraphRunner]:
     """Load each graph, check its provider, warm every session at every batch size it may run."""
     folder = settings.model_dir
@@ -293,9 +316,9 @@ def main() -> int:
         report(boot.status_fd, error=str(exc))
         return 3
     engine = Engine(settings, manifest, ring, runners, metrics)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(boot.engine_address)
-    listener.listen(64)
+    # Bound by the supervisor and held for the server's life, so that no other process can take
+    # the name while an engine restarts.
+    listener = socket.socket(fileno=boot.listen_fd)
     stop_signals, write_end = os.pipe2(os.O_CLOEXEC)
     signals_to_pipe(write_end)
     workers = [

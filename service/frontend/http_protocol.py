@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol, with five changes.
+"""uvicorn's httptools protocol, with six changes.
 
 - Each request's scope carries a future that its connection's end resolves (`connection_closed`):
   a route that waits on the engine learns that its client left from a callback, where ASGI
@@ -18,6 +18,9 @@
   times only the idle gap after an answer (its keep-alive), and stops at the first byte of the
   next head, so a head that never ended held its connection for good. A connection arms one
   timer for its first head; a later head that arrives whole in one read, nearly every one, none.
+- Pipelined requests are bounded: a connection holds at most `MAX_PIPELINED` read and waiting for
+  their turn, and reads no more while any wait. uvicorn read on after each answer, so a client that
+  sent requests without reading the answers grew a front-end by a gigabyte in seconds.
 """
 
 from __future__ import annotations
@@ -58,11 +61,12 @@ class _CoalescingTransport:
 
 
 _CLOSED = "vit.connection_closed"
+MAX_PIPELINED = 64  # requests read and waiting behind the one being answered, per connection
 
 
-class _HeadTooLarge(Exception):
-    """Raised from the parser's callback once the request is answered: it stops the parser, and
-    uvicorn, which catches it as a parser error, finds the connection closing."""
+class _StopParsing(Exception):
+    """Raised from the parser's callback once the connection is answered or closed: it stops the
+    parser, and uvicorn, which catches it as a parser error, finds the connection closing."""
 
 
 def connection_closed(scope: Scope) -> asyncio.Future[None] | None:
@@ -140,19 +144,32 @@ class HttpProtocol(HttpToolsProtocol):
         # is its name, ": ", its value and CRLF; 16 is the request line's method and version.
         if len(self.url) + 16 + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_head_bytes:
             self._refuse_head()
-            raise _HeadTooLarge
+            raise _StopParsing
         self._head_bytes = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            # One read may hold thousands of tiny pipelined requests, each queued here until its turn;
+            # no gateway or browser pipelines that deep. Answers go in order, so none can be sent now.
+            self.transport.close()
+            raise _StopParsing
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._between_messages = True
         # A large body pauses reading until the app asks for more; once the body is all in, reading
-        # resumes, so that a client who leaves while its request waits is seen leaving.
-        self.flow.resume_reading()
+        # resumes, so that a client who leaves while its request waits is seen leaving. Not while
+        # pipelined requests wait their turn: uvicorn paused reading for them, and reading on would
+        # queue every request a client sends without reading its answers (memory without bound).
+        if not self.pipeline:
+            self.flow.resume_reading()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # resumes reading, and starts the next pipelined request
+        if self.pipeline:  # requests already read still wait: read no more until they are answered
+            self.flow.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_timer is not None:

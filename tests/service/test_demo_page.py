@@ -21,6 +21,10 @@ def test_page_is_self_contained(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
+    # Only its own script runs (by hash), it talks only to this server, and no other site may frame it.
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'sha256-" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
 
 
 def test_uploading_a_fashion_mnist_image_shows_its_label_and_heat_map(server, browser, samples, tmp_path):
@@ -28,6 +32,10 @@ def test_uploading_a_fashion_mnist_image_shows_its_label_and_heat_map(server, br
     image = tmp_path / "trouser.png"
     image.write_bytes(sample.encoded("PNG"))
     page = browser.new_page()
+    refused = []  # what the page's Content-Security-Policy blocked: nothing it needs
+    page.on(
+        "console", lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None
+    )
     page.goto(server.url + "/")
     page.set_input_files("#file", str(image))
     first_label = page.locator("#predictions li .label").first
@@ -38,6 +46,7 @@ def test_uploading_a_fashion_mnist_image_shows_its_label_and_heat_map(server, br
     assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
     page.wait_for_function("document.getElementById('heatmap').naturalWidth === 28")  # the model's 28x28 view
     page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+    assert refused == []
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     page.close()
 

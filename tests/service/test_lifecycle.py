@@ -1,5 +1,7 @@
 """Probes, docs, start-up and the SIGTERM drain, on real processes."""
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,7 +9,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from bench.server import run_server
+from service.settings import DEFAULT_MODEL_DIR
 from tests.conftest import REPO, metric, wait_for
 
 
@@ -49,6 +54,24 @@ def test_a_bad_model_folder_fails_start_up_clearly(tmp_path):
     )
     assert result.returncode == 3  # uvicorn's start-up failure status
     assert "no manifest.json or model.onnx" in result.stderr
+
+
+@pytest.mark.parametrize("field", ["onnx_file", "explain_onnx_file"])
+def test_a_manifest_that_points_outside_its_folder_fails_start_up_clearly(tmp_path, field):
+    """A model folder may come from someone else: its graphs are files in it, never paths elsewhere."""
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "model")
+    manifest = json.loads((tmp_path / "model/manifest.json").read_text())
+    manifest[field] = str(DEFAULT_MODEL_DIR / "model.onnx")  # a real graph, elsewhere
+    (tmp_path / "model/manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--model", str(tmp_path / "model"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 3
+    assert "must be a file name in the model folder, not a path" in result.stderr
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(photo_1024):

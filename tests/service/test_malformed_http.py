@@ -11,6 +11,7 @@ import pytest
 
 from bench.hostile import send
 from bench.server import run_server
+from service.frontend.http_protocol import MAX_PIPELINED
 from service.settings import Settings
 from tests.conftest import metric, wait_for
 
@@ -174,6 +175,32 @@ def test_a_head_that_takes_too_long_is_answered_408_and_a_silent_connection_clos
     assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), head
     assert body["error_type"] == "header_timeout"
     assert time.monotonic() - started < 5
+
+
+LIVEZ = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_pipelined_requests_are_answered_in_order_and_a_client_that_never_reads_is_cut_off(target):
+    """A client may send its next requests before reading the answers, within a bound: past it the
+    connection closes, where the server used to queue every request it was sent (gigabytes)."""
+    with socket.create_connection(("127.0.0.1", _port(target))) as polite:
+        polite.settimeout(10)
+        polite.sendall(LIVEZ * 50)
+        received = b""
+        while received.count(b"HTTP/1.1 200 ") < 50:
+            chunk = polite.recv(65536)
+            assert chunk, received[-200:]
+            received += chunk
+    with socket.create_connection(("127.0.0.1", _port(target))) as greedy:
+        greedy.settimeout(10)
+        greedy.sendall(LIVEZ * 2000)  # 68 KB, all in the socket's buffers before the server reads any
+        answered = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with requests unread: a reset
+            while chunk := greedy.recv(65536):
+                answered += chunk
+    assert answered.count(b"HTTP/1.1 200 ") <= MAX_PIPELINED + 1
+    with target.client() as client:
+        assert client.get("/livez").status_code == 200
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_its_timeout(impatient):

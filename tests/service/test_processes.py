@@ -3,6 +3,7 @@ happens when any of them dies. Nothing accepted is lost, nothing leaks, the tota
 
 import collections
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -23,7 +24,9 @@ import pytest
 from bench.cpu import process_tree
 from bench.load import closed_loop, multipart_upload
 from bench.server import ServerProcess, run_server
+from service.frontend.engine_link import MAX_MESSAGE
 from service.settings import Settings
+from service.shm_ring import hello
 from service.supervisor import Supervisor
 from tests.conftest import metric, wait_for
 
@@ -259,6 +262,41 @@ def test_a_killed_engine_means_503_at_once_then_a_new_engine_and_nothing_accepte
             assert [f.result().status_code for f in accepted] == [200] * 4
             assert all(len(f.result().json()["results"]) == 16 for f in accepted)
         assert "the engine exited with -9: starting it again" in server.log
+        assert server.stop() == 0
+
+
+def _engine_address(supervisor: int) -> str:
+    """The engine's abstract socket name, as any process on the host can read it."""
+    for line in Path("/proc/net/unix").read_text().splitlines():
+        name = line.split()[-1]
+        if name.startswith(f"@vit-serve-engine-{supervisor}-"):
+            return "\0" + name[1:]
+    raise AssertionError("no engine socket")
+
+
+def test_only_the_servers_own_front_ends_may_talk_to_its_engine(samples):
+    """The engine's socket has an abstract name, which every process in the network namespace can
+    see and connect to: it welcomes only front-ends its own supervisor started, and the name stays
+    the server's while a dead engine is replaced, so nothing else can take it and welcome them."""
+    with run_server(frontend_processes=1) as server, server.client() as client:
+        address = _engine_address(server.process.pid)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as stranger:
+            stranger.settimeout(10)
+            stranger.connect(address)
+            answer = b""
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # closed at once, unread
+                stranger.sendall(hello(0))
+                answer = stranger.recv(MAX_MESSAGE)
+            assert answer == b""  # never welcomed
+        wait_for(lambda: "not a front-end of this server" in server.log)
+        os.kill(children(server)["engine"], signal.SIGKILL)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as squatter:
+            with pytest.raises(OSError) as taken:
+                squatter.bind(address)
+            assert taken.value.errno == errno.EADDRINUSE
+        wait_for(lambda: "the engine exited with -9: starting it again" in server.log)
+        wait_for(lambda: client.get("/readyz").status_code == 200)
+        assert client.post("/classify", files=_png_files(samples)).status_code == 200
         assert server.stop() == 0
 
 

@@ -55,3 +55,16 @@ def test_large_graphs_share_one_session_unless_told_otherwise():
     assert Settings().resolved_shared_session(vit_base)
     assert Settings(shared_session=True).resolved_shared_session(vit_small)
     assert not Settings(shared_session=False).resolved_shared_session(vit_base)
+
+
+def test_a_refused_setting_never_prints_the_api_keys(monkeypatch):
+    """pydantic's errors show what they were given, and a model-level check is given every setting."""
+    monkeypatch.setenv("VIT_API_KEYS", "hunter2-key,other-key")
+    monkeypatch.setenv("VIT_MAX_QUEUE_IMAGES", "8")  # below a full request: refused
+    with pytest.raises(ValueError) as refused:
+        Settings()
+    assert "max_queue_images" in str(refused.value) and "hunter2" not in str(refused.value)
+    monkeypatch.setenv("VIT_API_KEYS", "hunter2-key,caf\u00e9")
+    with pytest.raises(ValueError) as refused:
+        Settings()
+    assert "printable ASCII" in str(refused.value) and "hunter2" not in str(refused.value)
