@@ -407,12 +407,22 @@ def _hf_overrides(config: Json) -> Json:
 
 
 def _side(size: Any, what: str) -> int:
-    """The side of a square {height, width} (or a bare int) in a processor config."""
+    """The side of a square {height, width}, [height, width] or bare int in a processor or model config."""
     if isinstance(size, Mapping):
-        if size.get("height") != size.get("width"):
-            raise CheckpointError(f"{what} {dict(size)} is not square: this service crops square inputs")
-        return int(size["height"])
-    return int(size)
+        if set(size) - {"height", "width"} or "height" not in size:
+            raise CheckpointError(f"{what} {dict(size)} is not a {{height, width}} size this service can reproduce")
+        size = (size["height"], size["width"])
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise CheckpointError(f"{what} {list(size)} is not square: this service crops square inputs")
+        size = size[0]
+    if not isinstance(size, int) or size <= 0:
+        raise CheckpointError(f"{what} {size!r} is not a positive integer side")
+    return size
+
+
+# Processors whose bare-int `size` transformers reads as the shorter side (default_to_square=False).
+_HF_INT_SIZE_SQUARE = ("ViTImageProcessor", "DeiTImageProcessor")
 
 
 def _hf_preprocessing(processor: Json, image_size: int, in_chans: int) -> Preprocessing:
@@ -424,10 +434,21 @@ def _hf_preprocessing(processor: Json, image_size: int, in_chans: int) -> Prepro
         raise CheckpointError(f"rescale_factor {processor['rescale_factor']} is not 1/255")
     size = processor.get("size", image_size)
     mode: Literal["shorter_side", "squash"] = "squash"
+    kind = str(processor.get("image_processor_type", "")).removesuffix("Fast").removesuffix("Pil")
+    if isinstance(size, int) and "size" in processor and kind not in _HF_INT_SIZE_SQUARE:
+        raise CheckpointError(
+            f"size {size}: a bare int means the shorter side or a square, by processor ({kind or 'unnamed'});"
+            " write it as {height, width} or {shortest_edge}"
+        )
     if isinstance(size, Mapping) and "shortest_edge" in size:
+        if set(size) != {"shortest_edge"}:
+            raise CheckpointError(f"size {dict(size)}: only a shortest_edge alone is reproduced (longest_edge caps it)")
         mode, side = "shorter_side", int(size["shortest_edge"])
     else:
         side = _side(size, "size")
+    resample = int(processor.get("resample", 2))
+    if resample not in _PIL_RESAMPLE:
+        raise CheckpointError(f"resample {resample} is not supported ({', '.join(map(str, _PIL_RESAMPLE))})")
     crop = processor.get("crop_size") if processor.get("do_center_crop", False) else None
     if crop is None and mode == "shorter_side":
         raise CheckpointError("the image processor resizes the shorter side without a crop: the input is not square")
@@ -436,7 +457,7 @@ def _hf_preprocessing(processor: Json, image_size: int, in_chans: int) -> Prepro
         image_size=side if crop is None else _side(crop, "crop_size"),
         resize_size=side,
         resize_mode=mode,
-        interpolation=_PIL_RESAMPLE.get(int(processor.get("resample", 2)), "bilinear"),
+        interpolation=_PIL_RESAMPLE[resample],
         mean=list(processor.get("image_mean", [0.5] * in_chans)) if normalise else [0.0] * in_chans,
         std=list(processor.get("image_std", [0.5] * in_chans)) if normalise else [1.0] * in_chans,
         color_mode=_color_mode(in_chans),
@@ -469,6 +490,86 @@ def _timm_preprocessing(pretrained_cfg: Json, in_chans: int) -> Preprocessing:
     )
 
 
+# model_args this ViT reproduces whatever their value: the tensors' shapes, or the model timm builds, decide.
+_TIMM_ARGS_ANY = {
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "num_classes",
+    "global_pool",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "init_values",
+    "class_token",
+    "no_embed_class",
+    "reg_tokens",
+    "fc_norm",
+    "dynamic_img_size",
+    "drop_rate",
+    "pos_drop_rate",
+    "proj_drop_rate",
+    "attn_drop_rate",
+    "drop_path_rate",
+    "patch_drop_rate",
+    "weight_init",
+    "fix_init",
+}
+# model_args reproduced only at these values.
+_TIMM_ARGS_AT = {
+    "act_layer": (None, "gelu"),
+    "pool_include_prefix": (False,),
+    "pre_norm": (False,),
+    "qk_norm": (False,),
+    "final_norm": (True,),
+    "pos_embed": ("learn",),
+}
+
+
+def _timm_architecture(config: Json) -> Json:
+    """What a timm folder's model does that its tensors cannot show, read from the model timm builds
+    for its architecture and model_args (on the meta device: no memory, no weights): the head count,
+    the LayerNorm eps, pre-norm blocks, exact GELU and the pooling. A folder records only the
+    arguments given explicitly; the architecture's defaults (ViT-H's 16 heads of 80) live in timm."""
+    args = dict(config.get("model_args") or {})
+    for key, value in args.items():
+        if key not in _TIMM_ARGS_ANY and value not in _TIMM_ARGS_AT.get(key, ()):
+            raise CheckpointError(f"unsupported layout: timm model_args {key}={value!r}, which this ViT lacks")
+    try:
+        import timm
+    except ImportError:
+        raise CheckpointError(
+            "a timm folder records only the arguments its model was made with, and the architecture's defaults"
+            " (such as its head count) are timm's: install timm to import it"
+        ) from None
+    architecture = config["architecture"]
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(architecture, pretrained=False, **args)
+    except Exception as exc:  # an architecture this timm does not know, or arguments it refuses
+        raise CheckpointError(f"timm cannot build {architecture!r} to read its layout: {exc}") from exc
+    block = getattr(model, "blocks", [None])[0]
+    if (
+        type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled")
+        or type(block).__name__ != "Block"
+    ):
+        kind = f"{type(model).__name__} of {type(block).__name__}s"
+        raise CheckpointError(f"unsupported layout: timm {architecture} is a {kind}, not pre-norm ViT blocks")
+    activation = getattr(getattr(block, "mlp", None), "act", None)
+    if not (isinstance(activation, torch.nn.GELU) and activation.approximate == "none"):
+        raise CheckpointError(f"unsupported layout: timm {architecture} uses {activation!r}; this ViT uses exact GELU")
+    if getattr(model, "pool_include_prefix", False):
+        raise CheckpointError("unsupported layout: timm pool_include_prefix=True (the mean includes the prefix tokens)")
+    if getattr(model, "global_pool", None) == "":
+        raise CheckpointError("unsupported layout: timm global_pool='' answers a row per token, not one per image")
+    eps = next((n.eps for n in (model.norm, model.fc_norm) if isinstance(n, torch.nn.LayerNorm)), None)
+    if eps is None:
+        raise CheckpointError(f"unsupported layout: timm {architecture} has no LayerNorm before its head")
+    return {"num_heads": block.attn.num_heads, "layer_norm_eps": eps}
+
+
 def _timm_head(config: Json, inferred: Head) -> Head:
     """timm's global_pool decides token against avg where the shapes cannot; other pools are refused."""
     pool = config.get("global_pool", (config.get("model_args") or {}).get("global_pool"))
@@ -479,15 +580,31 @@ def _timm_head(config: Json, inferred: Head) -> Head:
     return cast(Head, pool) if inferred in ("token", "avg") else inferred
 
 
-def default_preprocessing(layout: str, image_size: int, in_chans: int) -> Preprocessing:
-    """What each library's own inference transform does for a ViT."""
-    if layout == "torchvision":  # ViT_B_16_Weights.IMAGENET1K_V1.transforms()
+# torchvision's weights that do not resize to 256/224 of the crop, bilinear, by their width, patch and input
+# side: the SWAG ones (bicubic, straight to the crop: end-to-end at 384, 512 and 518, and vit_h_14's linear
+# probe at 224) and vit_l_16's IMAGENET1K_V1 (242). b_16 and l_16's SWAG linear probes at 224 read as V1.
+_TORCHVISION_RESIZE: dict[tuple[int, int, int], tuple[float, Interpolation]] = {
+    (768, 16, 384): (1.0, "bicubic"),
+    (1024, 16, 512): (1.0, "bicubic"),
+    (1280, 14, 518): (1.0, "bicubic"),
+    (1280, 14, 224): (1.0, "bicubic"),
+    (1024, 16, 224): (242 / 224, "bilinear"),
+}
+
+
+def default_preprocessing(
+    layout: str, image_size: int, in_chans: int, weights: tuple[int, int, int] | None = None
+) -> Preprocessing:
+    """What each library's own inference transform does for a ViT, served at `image_size`. torchvision's
+    differs by weights, which their (width, patch, input side) tell apart."""
+    if layout == "torchvision":  # ViT_*_Weights.*.transforms()
+        ratio, interpolation = _TORCHVISION_RESIZE.get(weights or (0, 0, 0), (256 / 224, "bilinear"))
         return Preprocessing(
             image_size=image_size,
-            resize_size=round(image_size * 256 / 224),
+            resize_size=round(image_size * ratio),
             resize_mode="shorter_side",
             crop_rounding="half_even",
-            interpolation="bilinear",
+            interpolation=interpolation,
             mean=TIMM_DEFAULT_MEAN[:in_chans],
             std=TIMM_DEFAULT_STD[:in_chans],
             color_mode=_color_mode(in_chans),
@@ -550,6 +667,8 @@ def import_checkpoint(
     fields = infer_shapes(sd, no_embed_class=timm_args.get("no_embed_class"))
     # Shapes cannot tell the head count: the standard 64 dimensions per head, unless told.
     fields["num_heads"] = timm_args.get("num_heads", max(1, fields["embed_dim"] // 64))
+    if layout == "torchvision" and fields["embed_dim"] == 1280:
+        fields["num_heads"] = 16  # vit_h_14's heads are 80 wide
     if base is not None:
         checked = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim")
         differing = {f: (fields[f], getattr(base, f)) for f in checked if fields[f] != getattr(base, f)}
@@ -558,6 +677,7 @@ def import_checkpoint(
         fields.update(num_heads=base.num_heads, layer_norm_eps=base.layer_norm_eps)
     if source.kind == "timm":
         fields["head"] = _timm_head(source.config, fields["head"])
+        fields.update(_timm_architecture(source.config))
     if layout == "hf":
         fields.update(_hf_overrides(source.config))
     if source.kind == "native":
@@ -577,7 +697,8 @@ def import_checkpoint(
     elif source.kind == "timm":
         preprocessing = _timm_preprocessing(source.config["pretrained_cfg"], in_chans)
     else:
-        preprocessing = default_preprocessing(layout, img_size or checkpoint_img, in_chans)
+        weights = (int(fields["embed_dim"]), int(fields["patch_size"]), checkpoint_img)
+        preprocessing = default_preprocessing(layout, img_size or checkpoint_img, in_chans, weights)
     preprocessing = _served_at(preprocessing, img_size or preprocessing.image_size)
     fields["img_size"] = preprocessing.image_size
     try:

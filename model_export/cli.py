@@ -13,7 +13,7 @@ import torch
 from model_export.checkpoints import CheckpointError, ImportedCheckpoint, default_preprocessing, import_checkpoint
 from model_export.manifest import Manifest, Source
 from model_export.onnx_export import DEFAULT_OPSET, ExportError, Precision, graph_description, write_artifact
-from model_export.vit import HEADS, PRESETS, VisionTransformer, preset
+from model_export.vit import HEADS, PRESETS, VisionTransformer, ViTConfig, preset
 
 
 def _read_labels(path: Path) -> list[str]:
@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _note_what_a_bare_file_cannot_say(cfg: ViTConfig, layout: str, told: bool) -> None:
+    plural = "s" if cfg.num_heads > 1 else ""
+    heads = "" if told else f"{cfg.num_heads} head{plural} of {cfg.embed_dim // cfg.num_heads}, "
+    print(
+        f"vit-export: note: a bare {layout} weights file does not record its head count, activation, block order"
+        f" or pooling; read as {heads}exact GELU, pre-norm blocks and a {cfg.head} head. A model made otherwise"
+        " answers differently: export the folder its library saves (timm's save_for_hf, transformers'"
+        " save_pretrained), or give --num-heads and --head.",
+        file=sys.stderr,
+    )
+
+
 def run(args: argparse.Namespace) -> Manifest:
     if args.random_init:
         if not args.preset:
@@ -104,6 +116,8 @@ def run(args: argparse.Namespace) -> Manifest:
             head=args.head,
             labels=_read_labels(args.labels) if args.labels else None,
         )
+        if not args.checkpoint.is_dir() and imported.layout in ("timm", "hf") and not args.preset:
+            _note_what_a_bare_file_cannot_say(imported.model.cfg, imported.layout, told=args.num_heads is not None)
     cfg = imported.model.cfg
     manifest = Manifest(
         name=args.name or args.out.resolve().name,
@@ -135,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = run(args)
     except (CheckpointError, ExportError, onnx.checker.ValidationError, OSError, ValueError) as exc:
-        print(f"vit-export: error: {exc}", file=sys.stderr)
+        errors = getattr(exc, "errors", None)  # pydantic: one line per problem, not its multi-line report
+        message = "; ".join(str(e["msg"]) for e in errors()) if callable(errors) else " ".join(str(exc).split())
+        print(f"vit-export: error: {message}", file=sys.stderr)
         return 1
     cfg = manifest.config
     print(f"imported {manifest.source.layout} checkpoint {manifest.source.checkpoint}")

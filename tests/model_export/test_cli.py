@@ -80,6 +80,15 @@ def _tiny(directory: Path) -> Path:
     return _write(directory / "tiny.safetensors", VisionTransformer(cfg).state_dict())
 
 
+def test_a_bare_weights_file_is_read_with_what_it_cannot_say_said(tmp_path):
+    """Head count, activation, block order and pooling are not in a state dict: the export says
+    what it assumed, and how to give the folder that records them."""
+    result = _run(_tiny(tmp_path), "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "note: a bare timm weights file does not record its head count, activation" in result.stderr
+    assert "read as 1 head of 64, exact GELU, pre-norm blocks and a token head" in result.stderr
+
+
 def test_a_model_without_a_class_token_exports_without_an_explain_graph_and_says_so(tmp_path):
     cfg = ViTConfig(
         img_size=32, patch_size=8, num_classes=2, embed_dim=64, depth=1, num_heads=1, mlp_dim=64,

@@ -9,7 +9,7 @@ import torchvision
 import transformers
 from safetensors.torch import save_file
 
-from model_export.checkpoints import import_checkpoint
+from model_export.checkpoints import default_preprocessing, import_checkpoint
 from model_export.vit import PRESETS
 
 TOLERANCE = 1e-4
@@ -130,3 +130,51 @@ def test_timm_checkpoint_served_at_a_larger_size_matches_timms_resampling(tmp_pa
         assert torch.equal(imported.model.pos_embed[:, 0], reference.pos_embed[:, 0])
         diff = (imported.model(images) - resized.eval()(images)).abs().max().item()
     assert diff <= 1e-2  # both bicubic; timm's antialias default differs on upsampling only in rounding
+
+
+def test_a_timm_folder_reads_the_head_count_its_architecture_defaults_to(tmp_path):
+    """timm's save_for_hf records only the arguments given: ViT-H's 16 heads of 80 are the
+    architecture's default, so they are read from the model timm builds for it (not 1280 / 64)."""
+    reference = timm.create_model("deit3_huge_patch14_224", pretrained=False, depth=1, img_size=28, num_classes=3)
+    _randomise(reference, seed=7)
+    timm.models.save_for_hf(reference, tmp_path, safe_serialization=True, data_config={"input_size": (3, 28, 28)})
+    assert "num_heads" not in json.loads((tmp_path / "config.json").read_text())["model_args"]
+    imported = _compare(reference, tmp_path, torch.randn(2, 3, 28, 28))
+    assert imported.model.cfg.num_heads == 16
+
+
+def test_torchvision_vit_h_14_has_16_heads(tmp_path):
+    reference = torchvision.models.VisionTransformer(
+        image_size=28, patch_size=14, num_layers=1, num_heads=16, hidden_dim=1280, mlp_dim=5120, num_classes=3
+    )
+    _randomise(reference, seed=8)
+    torch.save(reference.state_dict(), tmp_path / "h14.pth")
+    assert _compare(reference, tmp_path / "h14.pth", torch.randn(2, 3, 28, 28)).model.cfg.num_heads == 16
+
+
+# b_16's and l_16's SWAG linear probes at 224 share their shapes with IMAGENET1K_V1 and read as it.
+_SHAPES_OF_V1 = {"ViT_B_16_Weights.IMAGENET1K_SWAG_LINEAR_V1", "ViT_L_16_Weights.IMAGENET1K_SWAG_LINEAR_V1"}
+
+
+@pytest.mark.parametrize(
+    ("weights", "width", "patch"),
+    [
+        (w, width, patch)
+        for enum, width, patch in [
+            (torchvision.models.ViT_B_16_Weights, 768, 16),
+            (torchvision.models.ViT_B_32_Weights, 768, 32),
+            (torchvision.models.ViT_L_16_Weights, 1024, 16),
+            (torchvision.models.ViT_L_32_Weights, 1024, 32),
+            (torchvision.models.ViT_H_14_Weights, 1280, 14),
+        ]
+        for w in enum
+    ],
+    ids=str,
+)
+def test_a_torchvision_file_gets_the_transforms_of_the_weights_its_shapes_name(weights, width, patch):
+    (crop,) = weights.transforms().crop_size
+    transforms = (type(weights).IMAGENET1K_V1 if str(weights) in _SHAPES_OF_V1 else weights).transforms()
+    (resize,) = transforms.resize_size
+    got = default_preprocessing("torchvision", crop, 3, (width, patch, crop))
+    assert (got.image_size, got.resize_size, got.interpolation) == (crop, resize, transforms.interpolation.value)
+    assert (got.mean, got.std) == (list(transforms.mean), list(transforms.std))

@@ -6,6 +6,8 @@ and attention, in PyTorch and through the ONNX graph."""
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -161,6 +163,69 @@ def test_unsupported_timm_layouts_are_refused_naming_what_is_missing(tmp_path, k
     with pytest.raises(CheckpointError, match="unsupported layout|no classifier") as error:
         import_checkpoint(_timm_file(tmp_path, **kwargs))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kwargs", "message"),
+    [
+        ("vit_base_patch16_rpn_224", {}, "is a VisionTransformer of ResPostBlocks, not pre-norm ViT blocks"),
+        ("vit_base_patch32_siglip_gap_256", {}, "uses GELUTanh(); this ViT uses exact GELU"),
+        ("vit_tiny_patch16_224", {"act_layer": "quick_gelu"}, "model_args act_layer='quick_gelu'"),
+        ("vit_tiny_patch16_224", {"global_pool": "avg", "pool_include_prefix": True}, "pool_include_prefix=True"),
+        ("vit_tiny_patch16_224", {"global_pool": ""}, "global_pool='' answers a row per token"),
+    ],
+)
+def test_a_timm_folder_whose_model_differs_where_its_tensors_cannot_show_it_is_refused(
+    tmp_path, architecture, kwargs, message
+):
+    """Post-norm blocks, another activation, a mean over the prefix tokens too, no pooling at all: the
+    tensors are the same as this ViT's, so the folder's architecture and model_args must say it."""
+    model = timm.create_model(architecture, pretrained=False, depth=1, img_size=32, num_classes=3, **kwargs)
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=True, data_config={"input_size": (3, 32, 32)})
+    with pytest.raises(CheckpointError, match="unsupported layout") as refused:
+        import_checkpoint(tmp_path)
+    assert message in str(refused.value)
+
+
+def test_a_timm_folder_needs_timm_to_read_its_architectures_defaults(tmp_path, monkeypatch):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=3)
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=True, data_config={"input_size": (3, 32, 32)})
+    monkeypatch.setitem(sys.modules, "timm", None)  # not installed
+    with pytest.raises(CheckpointError, match="install timm to import it"):
+        import_checkpoint(tmp_path)
+
+
+def _hf_folder(tmp_path: Path, image_size: object = 32, **processor: object) -> Path:
+    config = transformers.ViTConfig(
+        image_size=image_size, patch_size=16, hidden_size=64, num_hidden_layers=1, num_attention_heads=1, num_labels=2
+    )
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path)
+    processor = {"do_resize": True, "do_normalize": True, **processor}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("processor", "message"),
+    [
+        # transformers reads a bare int as the shorter side for these, as a square for ViT's and DeiT's.
+        ({"image_processor_type": "BitImageProcessor", "size": 32}, "a bare int means the shorter side or a square"),
+        ({"size": {"shortest_edge": 32, "longest_edge": 48}}, "only a shortest_edge alone is reproduced"),
+        ({"size": {"longest_edge": 32}}, "is not a {height, width} size"),
+        ({"size": {"height": 32, "width": 32}, "resample": 4}, "resample 4 is not supported"),  # BOX
+    ],
+)
+def test_a_hugging_face_processor_this_service_would_not_reproduce_is_refused(tmp_path, processor, message):
+    with pytest.raises(CheckpointError) as refused:
+        import_checkpoint(_hf_folder(tmp_path, **processor))
+    assert message in str(refused.value)
+
+
+def test_a_hugging_face_image_size_may_be_a_square_pair_but_not_an_oblong_one(tmp_path):
+    square = import_checkpoint(_hf_folder(tmp_path / "square", image_size=[32, 32], size={"height": 32, "width": 32}))
+    assert square.preprocessing.image_size == 32
+    with pytest.raises(CheckpointError, match="square"):  # a 2x3 grid of patches
+        import_checkpoint(_hf_folder(tmp_path / "oblong", image_size=[32, 48], size={"height": 32, "width": 32}))
 
 
 def test_unsupported_hugging_face_layouts_are_refused_naming_what_is_missing(tmp_path):
