@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,7 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
+logger = logging.getLogger(__name__)
 _CLOSED = "vit.connection_closed"
 MAX_PIPELINED = 64  # requests read and waiting behind the one being answered, per connection
 
@@ -153,6 +155,8 @@ class HttpProtocol(HttpToolsProtocol):
         if len(self.pipeline) > MAX_PIPELINED:
             # One read may hold thousands of tiny pipelined requests, each queued here until its turn;
             # no gateway or browser pipelines that deep. Answers go in order, so none can be sent now.
+            client = self.client[0] if self.client else None
+            logger.warning("closed a connection from %s: over %d pipelined requests waiting", client, MAX_PIPELINED)
             self.transport.close()
             raise _StopParsing
 

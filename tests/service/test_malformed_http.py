@@ -199,6 +199,7 @@ def test_pipelined_requests_are_answered_in_order_and_a_client_that_never_reads_
             while chunk := greedy.recv(65536):
                 answered += chunk
     assert answered.count(b"HTTP/1.1 200 ") <= MAX_PIPELINED + 1
+    wait_for(lambda: f"over {MAX_PIPELINED} pipelined requests waiting" in target.log)
     with target.client() as client:
         assert client.get("/livez").status_code == 200
 
