@@ -85,13 +85,21 @@ class NotReady(ServiceError):
     status, error_type = 503, "not_ready"
 
 
-class Draining(ServiceError):
-    status, error_type = 503, "draining"
+class _Leaving(ServiceError):
+    """A 503 from a server on its way out."""
 
     def headers(self) -> dict[str, str]:
         # Closed after the answer: a keep-alive client would send its retry down the same connection,
         # to this server again, instead of through the gateway to another replica.
         return {**super().headers(), "Connection": "close"}
+
+
+class Draining(_Leaving):
+    status, error_type = 503, "draining"
+
+
+class NotReadyDraining(_Leaving, NotReady):
+    """The engine stopped while the server drains: none will come back."""
 
 
 class DeadlineExceeded(ServiceError):

@@ -6,7 +6,8 @@ cannot load the model. Then:
 - a front-end dies: it is started again on the same partition and listening socket (the engine
   reclaims its slots; connections queued on its socket wait for the new one);
 - the engine is stuck (a front-end finds it holding an image `VIT_ENGINE_STALL_S` past its
-  deadline): it is killed, and dies as below;
+  deadline; a restarted one is not ready within twice the first one's start-up and that
+  allowance; one told to stop is not gone within it): it is killed, and dies as below;
 - the engine dies: the front-ends answer 503 at once, and it is started again, up to
   `VIT_ENGINE_RESTARTS` times in 10 minutes; one more death and the server exits 1, for
   Kubernetes to restart the pod. Accepted requests wait for the new engine, within their deadline;
@@ -54,6 +55,8 @@ class Child:
     status: int  # read end of its status pipe; -1 once closed
     started: float = field(default_factory=time.monotonic)
     ready: dict[str, object] | None = None  # its ready report, once it sent it
+    deadline: float | None = None  # when it must be ready, or gone, by; killed past it
+    overdue: str = ""  # what missing the deadline means, for the log
 
 
 def _clean_stale_metrics() -> None:
@@ -140,6 +143,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, Child] = {}  # by pidfd
         self.engine_deaths: collections.deque[float] = collections.deque()
+        self.engine_start_s = 0.0  # how long the first engine took to be ready
         self.draining = False
         self.exit_status = 0
         self._wakeup, self._wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -213,7 +217,7 @@ class Supervisor:
         for line in data.splitlines():
             message: dict[str, object] = json.loads(line)
             if message.get("ready"):
-                child.ready = message
+                child.ready, child.deadline = message, None
                 logger.info("%s ready", child.boot.name, extra={k: v for k, v in message.items() if k != "ready"})
             elif "stalled" in message:
                 self._kill_stuck_engine(message, child)
@@ -249,12 +253,14 @@ class Supervisor:
             self.stop()
             return STARTUP_EXIT
         assert engine.ready is not None
+        self.engine_start_s = time.monotonic() - engine.started
         provider = engine.ready["provider"]
         logger.info("vit-serve running on %s (%d front-ends, engine on %s)", self.url, self.layout.partitions, provider)
         try:
             while self.children:
-                for key, _ in self.selector.select():
+                for key, _ in self.selector.select(self._until_a_deadline()):
                     self._handle(key.data)
+                self._kill_overdue()
         finally:
             self._cleanup()
         return self.exit_status
@@ -291,9 +297,30 @@ class Supervisor:
         else:
             self._on_exit(child)
 
+    def _until_a_deadline(self) -> float | None:
+        deadlines = [child.deadline for child in self.children.values() if child.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _kill_overdue(self) -> None:
+        """A stuck engine answers nothing, so missing a deadline is the only sign of it."""
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.deadline is not None and now >= child.deadline:
+                logger.error("%s %s (VIT_ENGINE_STALL_S=%g): killing it", child.boot.name, child.overdue, self.stall_s)
+                child.deadline = None
+                child.process.kill()
+
+    @property
+    def stall_s(self) -> float:
+        return self.settings.engine_stall_s
+
     def _drain(self) -> None:
         """Front-ends first (they finish what they accepted, which needs the engine), then the engine."""
         self.draining = True
+        # The front-ends keep their own: once the last has gone, a connection is refused (a gateway
+        # retries elsewhere), not queued on a socket nobody will accept from and then reset.
+        for listener in self.listeners:
+            listener.close()
         logger.info("draining: %d front-end(s), then the engine", self.layout.partitions)
         for child in self.children.values():
             if child.boot.role == "frontend":
@@ -304,6 +331,9 @@ class Supervisor:
         if not any(child.boot.role == "frontend" for child in self.children.values()):
             for child in self.children.values():
                 child.process.send_signal(signal.SIGTERM)
+                if self.stall_s and child.deadline is None:  # it has only its running batches to finish
+                    child.deadline = time.monotonic() + self.stall_s
+                    child.overdue = f"had not stopped {self.stall_s:g} s after it was told to"
 
     def _on_exit(self, child: Child) -> None:
         code = self._forget(child)
@@ -337,7 +367,11 @@ class Supervisor:
             self._drain()
             return
         logger.warning("the engine exited with %d: starting it again", code)
-        self.spawn("engine")
+        engine = self.spawn("engine")
+        if self.stall_s:  # a GPU that hung the last engine may hang this one's start
+            allowance = 2 * self.engine_start_s + self.stall_s
+            engine.deadline = engine.started + allowance
+            engine.overdue = f"was not ready {allowance:.0f} s after its restart"
 
     def stop(self) -> None:
         """Kill every child and free what the supervisor owns (start-up failures, benchmarks)."""

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, ServiceError
+from service.errors import DeadlineExceeded, InferenceFailed, NotReadyDraining, ServiceError
 from service.frontend.admission import SlotPool
 from service.lifecycle import Lifecycle
 from service.metrics import FrontendMetrics
@@ -268,8 +268,8 @@ class EngineLink:
         if self.lifecycle.draining and not self.connected:
             self.fail_waiting(self._no_engine())
 
-    def _no_engine(self) -> NotReady:
-        return NotReady("the engine stopped while the server drains", retry_after=self.lifecycle.retry_after_s)
+    def _no_engine(self) -> NotReadyDraining:
+        return NotReadyDraining("the engine stopped while the server drains", retry_after=self.lifecycle.retry_after_s)
 
     def fail_waiting(self, error: ServiceError) -> None:
         """Answer every request still waiting for its rows with `error` now."""

@@ -317,6 +317,38 @@ def test_a_stuck_engine_is_killed_and_restarted_and_the_server_serves_again(samp
     assert not set(SHM.iterdir()) - shm_before
 
 
+def test_a_restarted_engine_that_hangs_before_it_is_ready_is_killed_and_replaced(samples, shm_before):
+    """The GPU that hung one engine may hang its successor's start, where no front-end watches it yet:
+    a restart must be ready within twice the first start and VIT_ENGINE_STALL_S."""
+    with run_server(frontend_processes=1, engine_stall_s=1) as server, server.client() as client:
+        first = children(server)["engine"]
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: children(server).get("engine") not in (None, first), timeout=10)
+        second = children(server)["engine"]
+        os.kill(second, signal.SIGSTOP)  # long before it could load the model and say it is ready
+        wait_for(lambda: children(server).get("engine") not in (None, first, second), timeout=20)
+        wait_for(lambda: "s after its restart (VIT_ENGINE_STALL_S=1): killing it" in server.log)
+        wait_for(lambda: client.get("/readyz").status_code == 200)
+        assert client.post("/classify", files=_png_files(samples)).status_code == 200
+        assert server.stop() == 0
+    assert not set(SHM.iterdir()) - shm_before
+
+
+def test_an_engine_that_hangs_through_the_drain_is_killed_and_the_port_refuses_once_the_front_ends_left(
+    shm_before,
+):
+    with run_server(frontend_processes=1, engine_stall_s=2, drain_grace_s=0.5) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        os.kill(children(server)["engine"], signal.SIGSTOP)
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "frontend-0" not in children(server), timeout=10)
+        with pytest.raises(ConnectionRefusedError):  # not queued where nobody accepts, then reset
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        assert server.process.wait(timeout=20) == 1
+        wait_for(lambda: "engine had not stopped 2 s after it was told to" in server.log)
+    assert not set(SHM.iterdir()) - shm_before
+
+
 def test_with_no_restarts_left_an_engine_death_stops_the_server_non_zero(shm_before):
     with run_server(frontend_processes=2, engine_restarts=0) as server:
         named = children(server)
@@ -343,8 +375,9 @@ def test_an_upload_whose_engine_goes_during_the_drain_is_answered_503_when_its_b
             wait_for(lambda: "lost the engine" in server.log)
             sent = time.monotonic()
             connection.sendall(upload[len(upload) // 2 :])
-            status, _, body = _response(connection)
+            status, headers, body = _response(connection)
         assert (status, json.loads(body)["error_type"]) == (503, "not_ready")
+        assert headers["connection"] == "close"  # the server is going: a retry goes to another replica
         assert time.monotonic() - sent < 5
         assert server.process.wait(timeout=30) == 1  # the engine died
     assert not set(SHM.iterdir()) - shm_before  # nothing new in /dev/shm
