@@ -20,7 +20,8 @@
   timer for its first head; a later head that arrives whole in one read, nearly every one, none.
 - Pipelined requests are bounded: a connection holds at most `MAX_PIPELINED` read and waiting for
   their turn, and reads no more while any wait. uvicorn read on after each answer, so a client that
-  sent requests without reading the answers grew a front-end by a gigabyte in seconds.
+  sent requests without reading the answers grew a front-end by a gigabyte in seconds. Past the
+  bound, what was read is answered in order and the connection then closes; the rest is not read.
 """
 
 from __future__ import annotations
@@ -101,9 +102,12 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_bytes: int | None = None  # of a head still being read; None outside one
         self._between_messages = True
         self._head_timer: asyncio.TimerHandle | None = None
+        self._overflowed = False  # too many pipelined requests: nothing more is read
         self._time_head()  # a new connection owes its first head
 
     def data_received(self, data: bytes) -> None:
+        if self._overflowed:  # the parser stopped mid-read: what follows is not read
+            return
         # A chunk that starts in a head, or where one starts, and leaves it incomplete is all head. One
         # that starts in a body and leaves the next request's head incomplete (pipelining) is not
         # counted: the bound then holds from the next chunk, a read later.
@@ -154,10 +158,15 @@ class HttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if len(self.pipeline) > MAX_PIPELINED:
             # One read may hold thousands of tiny pipelined requests, each queued here until its turn;
-            # no gateway or browser pipelines that deep. Answers go in order, so none can be sent now.
+            # no gateway or browser pipelines that deep. The requests before this one are whole: they
+            # are answered, and the connection closes after the last, as a server may after any answer
+            # (a client that pipelines sends again what was not answered).
             client = self.client[0] if self.client else None
-            logger.warning("closed a connection from %s: over %d pipelined requests waiting", client, MAX_PIPELINED)
-            self.transport.close()
+            logger.warning("closing a connection from %s: over %d pipelined requests waiting", client, MAX_PIPELINED)
+            self._overflowed = True
+            self.pipeline.popleft()  # this one, whose body may be unread
+            self.pipeline[0][0].keep_alive = False  # the last to be answered
+            self.flow.pause_reading()
             raise _StopParsing
 
     def on_message_complete(self) -> None:
@@ -172,7 +181,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # resumes reading, and starts the next pipelined request
-        if self.pipeline:  # requests already read still wait: read no more until they are answered
+        if self.pipeline or self._overflowed:  # requests already read still wait: read no more until answered
             self.flow.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -183,7 +192,7 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
-        if self.transport.is_closing():  # already answered: a head too large
+        if self.transport.is_closing() or self._overflowed:  # already answered (a head too large), or to be
             return
         self._refuse(b"400 Bad Request", "bad_request", f"malformed HTTP request: {msg}")
 
