@@ -230,7 +230,10 @@ def kind_of(message: bytes) -> Kind:
     return Kind(message[0])
 
 
-def parse_hello(message: bytes) -> int:
+def parse_hello(message: bytes) -> int | None:
+    """The partition a HELLO names; None for anything else."""
+    if len(message) < _HEAD.size or message[0] != Kind.HELLO:
+        return None
     partition: int = _HEAD.unpack_from(message)[2]
     return partition
 

@@ -231,15 +231,8 @@ class Supervisor:
         of the same engine; one that has been replaced meanwhile is left alone."""
         for child in self.children.values():
             if child.boot.role == "engine" and child.process.pid == report["stalled"] and child.process.poll() is None:
-                logger.error(
-                    "the engine is stuck: %s found it holding %s image(s) past their deadline, the oldest by %.1f s"
-                    " (VIT_ENGINE_STALL_S=%g); killing it",
-                    reporter.boot.name,
-                    report["images"],
-                    report["late_s"],
-                    self.settings.engine_stall_s,
-                )
-                child.process.kill()
+                found = f"{reporter.boot.name} found it holding {report['images']} image(s) past their deadline"
+                self._kill(child, f"the engine is stuck: {found}, the oldest by {report['late_s']:.1f} s")
 
     def run(self) -> int:
         signals_to_pipe(self._wakeup_write)  # the loop reads them with its children's events
@@ -306,9 +299,13 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children.values():
             if child.deadline is not None and now >= child.deadline:
-                logger.error("%s %s (VIT_ENGINE_STALL_S=%g): killing it", child.boot.name, child.overdue, self.stall_s)
-                child.deadline = None
-                child.process.kill()
+                self._kill(child, f"{child.boot.name} {child.overdue}")
+
+    def _kill(self, child: Child, why: str) -> None:
+        """A stuck child: its death takes the usual course."""
+        logger.error("%s (VIT_ENGINE_STALL_S=%g): killing it", why, self.stall_s)
+        child.deadline = None
+        child.process.kill()
 
     @property
     def stall_s(self) -> float:

@@ -127,11 +127,11 @@ class Engine:
             logger.warning("refused a connection from pid %d, uid %d: not a front-end of this server", pid, uid)
             sock.close()
             return
-        message = sock.recv(MAX_MESSAGE)
-        if len(message) < 4 or message[0] != Kind.HELLO or parse_hello(message) >= self.layout.partitions:
+        partition = parse_hello(sock.recv(MAX_MESSAGE))
+        if partition is None or partition >= self.layout.partitions:
             sock.close()
             return
-        frontend = FrontEnd(parse_hello(message), sock)
+        frontend = FrontEnd(partition, sock)
         self._adopt(frontend)
         frontend.send(welcome(json.dumps(self.info()).encode()))
         try:

@@ -97,7 +97,7 @@ class EngineClient:
         if await self.lifecycle.wait_idle(grace_s):
             return True
         message = "the drain grace passed before this request's images were classified; retry on another replica"
-        self.link.fail_waiting(Draining(message, retry_after=self.settings.retry_after_s))
+        self.link.fail_waiting(Draining(message, retry_after=self.lifecycle.retry_after_s))
         return False
 
     async def close(self) -> None:

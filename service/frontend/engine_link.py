@@ -187,7 +187,7 @@ class EngineLink:
             self._welcomed.set()
             logger.info("connected to the engine (%s)", self.info.provider)
             if self.stall_s:
-                self._watch_handle = loop.call_later(WATCH_S, self._watch, self.info.pid)
+                self._watch_later(self.info.pid)
             try:
                 await lost
             finally:
@@ -216,16 +216,19 @@ class EngineLink:
             for record in parse_done(message):
                 self._on_done(record)
 
+    def _watch_later(self, engine_pid: int) -> None:
+        self._watch_handle = asyncio.get_running_loop().call_later(WATCH_S, self._watch, engine_pid)
+
     def _watch(self, engine_pid: int) -> None:
         """Tell the supervisor, once, if this engine holds an orphan past its deadline and the stall
         allowance; else look again in a while."""
-        late = time.monotonic() - self.stall_s
-        overdue = [deadline for deadline in self._orphan_deadlines.values() if deadline < late]
+        now = time.monotonic()
+        overdue = [deadline for deadline in self._orphan_deadlines.values() if now - deadline > self.stall_s]
         if not overdue:
-            self._watch_handle = asyncio.get_running_loop().call_later(WATCH_S, self._watch, engine_pid)
+            self._watch_later(engine_pid)
             return
         self._watch_handle = None
-        self.on_stall(engine_pid, len(overdue), late + self.stall_s - min(overdue))
+        self.on_stall(engine_pid, len(overdue), now - min(overdue))
 
     def _on_done(self, record: Done) -> None:
         submission = self._in_engine.pop(record.slot)

@@ -161,8 +161,9 @@ class HttpProtocol(HttpToolsProtocol):
             # no gateway or browser pipelines that deep. The requests before this one are whole: they
             # are answered, and the connection closes after the last, as a server may after any answer
             # (a client that pipelines sends again what was not answered).
-            client = self.client[0] if self.client else None
-            logger.warning("closing a connection from %s: over %d pipelined requests waiting", client, MAX_PIPELINED)
+            logger.warning(
+                "closing a connection from %s: over %d pipelined requests waiting", self._client_host, MAX_PIPELINED
+            )
             self._overflowed = True
             self.pipeline.popleft()  # this one, whose body may be unread
             self.pipeline[0][0].keep_alive = False  # the last to be answered
@@ -209,4 +210,8 @@ class HttpProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
-        self.on_refused(int(status[:3]), self.client[0] if self.client else None)
+        self.on_refused(int(status[:3]), self._client_host)
+
+    @property
+    def _client_host(self) -> str | None:
+        return self.client[0] if self.client else None
